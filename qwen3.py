@@ -1,0 +1,662 @@
+"""
+Qwen3, from scratch, in one file.
+
+Read it top to bottom: each `# %%` section is one idea, opens with why it exists and where it
+comes from, and the sections build on each other:
+
+    1. Configuration           every number that defines a Qwen3
+    2. RMSNorm                 the normalisation used everywhere
+    3. RoPE                    how attention knows where a token is
+    4. Attention               grouped-query attention with QK-norm and an optional sliding window
+    5. SwiGLU MLP              the feed-forward half of a block
+    6. The model               blocks stacked into Qwen3, logits and loss
+    7. KV cache                incremental decoding without recomputing the past
+    8. Sampling                temperature, top-k, top-p, generate
+    9. Checkpoints             Hugging Face format in and out (safetensors + config.json)
+   10. Optimizers              Muon for hidden matrices, AdamW for the rest
+
+The model is a spec as much as a program: given the same weights, its logits match Hugging Face
+`transformers`' `Qwen3ForCausalLM` (tests/test_qwen3.py proves it), and module names mirror its
+state-dict keys, so real Qwen3 checkpoints load with `strict=True` and no mapping table.
+
+Reference: Qwen Team, "Qwen3 Technical Report", 2025 (arXiv:2505.09388).
+"""
+
+import json
+import math
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# %% 1. Configuration
+# A Qwen3 is fully described by a handful of integers. Field names are exactly those of
+# transformers' `Qwen3Config`, so a `config.json` from the hub reads straight into this class.
+# Two facts surprise newcomers: `head_dim` is its own field (Qwen3-0.6B has 16 heads x 128 = 2048,
+# not its hidden size 1024), and there are fewer key/value heads than query heads (section 4).
+
+
+@dataclass
+class Qwen3Config:
+    vocab_size: int = 49152  # rows of the embedding table (and of the output head)
+    hidden_size: int = 384  # width of the residual stream, "d_model"
+    intermediate_size: int = 1536  # width of the MLP's hidden layer, "d_ff"
+    num_hidden_layers: int = 6  # number of transformer blocks
+    num_attention_heads: int = 8  # query heads
+    num_key_value_heads: int = 4  # key/value heads, shared by groups of query heads (GQA)
+    head_dim: int = 48  # width of one head; independent of hidden_size in Qwen3
+    max_position_embeddings: int = 512  # longest context the model is meant to see
+    rope_theta: float = 10_000.0  # RoPE base; real Qwen3 uses 1e6 for long contexts
+    rms_norm_eps: float = 1e-6  # keeps RMSNorm finite for all-zero inputs
+    tie_word_embeddings: bool = True  # the output head reuses the embedding matrix
+    attention_bias: bool = False  # bias on q/k/v/o projections (Qwen3: none)
+    dropout: float = 0.0  # on attention probabilities and residual branches, training only
+    use_sliding_window: bool = False  # master switch for sliding-window attention
+    sliding_window: int | None = 4096  # W: a query sees the W most recent keys, itself included
+    max_window_layers: int = 28  # layers i >= this use the window (transformers' rule)
+    layer_types: list[str] | None = None  # explicit "full_attention"/"sliding_attention" per layer
+    initializer_range: float = 0.02  # std of the random initial weights
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+    pad_token_id: int | None = None
+
+    def __post_init__(self):
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                     "num_attention_heads", "num_key_value_heads", "head_dim", "max_position_embeddings"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(f"num_attention_heads ({self.num_attention_heads}) must be a multiple "
+                             f"of num_key_value_heads ({self.num_key_value_heads})")
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim must be even for RoPE, got {self.head_dim}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
+        if self.use_sliding_window and not (isinstance(self.sliding_window, int) and self.sliding_window >= 1):
+            raise ValueError(f"sliding_window must be a positive integer, got {self.sliding_window!r}")
+        if self.layer_types is not None:
+            if len(self.layer_types) != self.num_hidden_layers:
+                raise ValueError(f"layer_types has {len(self.layer_types)} entries for "
+                                 f"{self.num_hidden_layers} layers")
+            unknown = set(self.layer_types) - {"full_attention", "sliding_attention"}
+            if unknown:
+                raise ValueError(f"unknown layer type(s) {sorted(unknown)}")
+
+    def layer_window(self, i: int) -> int | None:
+        """The sliding window of layer i, or None if it attends to the whole past."""
+        if not self.use_sliding_window:
+            return None  # transformers ignores the window (and layer_types' "sliding") when off
+        if self.layer_types is not None:
+            return self.sliding_window if self.layer_types[i] == "sliding_attention" else None
+        return self.sliding_window if i >= self.max_window_layers else None
+
+    @classmethod
+    def preset(cls, name: str, **overrides) -> "Qwen3Config":
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}")
+        return cls(**{**PRESETS[name], **overrides})
+
+    # The config.json of a Hugging Face checkpoint, both ways. transformers 4.x writes `rope_theta`,
+    # 5.x writes `rope_parameters`; we read either and write both.
+    def to_dict(self) -> dict:
+        d = {k: v for k, v in asdict(self).items() if k != "dropout"}
+        d["layer_types"] = ["full_attention" if self.layer_window(i) is None else "sliding_attention"
+                            for i in range(self.num_hidden_layers)]
+        return {"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "hidden_act": "silu",
+                **d, "attention_dropout": self.dropout, "rope_scaling": None,
+                "rope_parameters": {"rope_type": "default", "rope_theta": self.rope_theta}}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Qwen3Config":
+        if d.get("model_type", "qwen3") != "qwen3":
+            raise ValueError(f"model_type is {d['model_type']!r}, not 'qwen3'")
+        if d.get("hidden_act", "silu") != "silu":
+            raise ValueError(f"hidden_act {d['hidden_act']!r} is not supported (Qwen3 uses silu)")
+        missing = [k for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                               "num_attention_heads") if k not in d]
+        if missing:
+            raise ValueError(f"missing field(s) {', '.join(missing)}")
+        rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
+        if rope.get("rope_type", rope.get("type", "default")) != "default":
+            raise ValueError(f"RoPE scaling {rope.get('rope_type', rope.get('type'))!r} is not supported")
+        known = {f.name for f in fields(cls)}
+        # where config.json is silent, transformers' own defaults apply, not this class's
+        hf_defaults = dict(num_key_value_heads=d["num_attention_heads"], head_dim=128, rope_theta=10_000.0,
+                           max_position_embeddings=32768, tie_word_embeddings=False)
+        kwargs = {**hf_defaults, **{k: v for k, v in d.items() if k in known}}
+        kwargs["rope_theta"] = float(rope.get("rope_theta", kwargs["rope_theta"]))
+        kwargs["dropout"] = float(d.get("attention_dropout", 0.0))
+        if kwargs.get("num_key_value_heads") is None:
+            kwargs["num_key_value_heads"] = d["num_attention_heads"]
+        return cls(**kwargs)
+
+    @classmethod
+    def from_hf(cls, hf_config) -> "Qwen3Config":
+        return cls.from_dict(hf_config.to_dict())
+
+    def to_hf(self):
+        from transformers import Qwen3Config as HFQwen3Config
+        return HFQwen3Config.from_dict(self.to_dict())
+
+    @classmethod
+    def from_json(cls, path) -> "Qwen3Config":
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+    def to_json(self, path):
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+
+PRESETS = {
+    # The upstream "seed" model: small enough for one GPU in minutes, big enough to write English.
+    "seed": dict(vocab_size=49152, hidden_size=384, intermediate_size=1536, num_hidden_layers=6,
+                 num_attention_heads=8, num_key_value_heads=4, head_dim=48, max_position_embeddings=512),
+    # A model that learns something on a laptop CPU in about ten minutes.
+    "cpu": dict(vocab_size=8192, hidden_size=256, intermediate_size=768, num_hidden_layers=4,
+                num_attention_heads=8, num_key_value_heads=4, head_dim=32, max_position_embeddings=256),
+    # The real Qwen3-0.6B shape (Qwen/Qwen3-0.6B config.json).
+    "qwen3-0.6b": dict(vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
+                       num_attention_heads=16, num_key_value_heads=8, head_dim=128,
+                       max_position_embeddings=40960, rope_theta=1_000_000.0, tie_word_embeddings=True,
+                       bos_token_id=151643, eos_token_id=151645),
+}
+
+# %% 2. RMSNorm
+# Zhang & Sennrich 2019, "Root Mean Square Layer Normalization". LayerNorm without the mean:
+# rescale each vector to unit root-mean-square, then multiply by a learned gain. Cheaper than
+# LayerNorm and just as stable. The statistic is taken in fp32 even when activations are bf16,
+# because a sum of squares over thousands of bf16 numbers loses most of its digits.
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    dtype = x.dtype
+    x = x.float()
+    x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x.to(dtype)  # back to the input dtype, then the gain (transformers' order)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))  # starts as the identity
+        self.eps = eps
+
+    def forward(self, x):
+        return rms_norm(x, self.weight, self.eps)
+
+
+# %% 3. RoPE: rotary position embeddings
+# Su et al. 2021, "RoFormer". Attention by itself is blind to order. RoPE rotates each query and
+# key by an angle proportional to its position, pair of dimensions by pair, each pair at its own
+# frequency theta^(-2i/d). A dot product of two rotated vectors then depends only on their
+# *offset*, so the model learns relative positions for free and no position table is stored.
+# Qwen3 pairs dimension i with i + d/2 ("rotate half"), not neighbours. Angles are computed in
+# fp32 from the integer positions every time: rounding them to bf16 would put position 1000 off
+# by several radians.
+
+
+def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype=torch.float32):
+    """cos and sin of every rotation angle, (T, head_dim), for integer positions (T,)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float, device=positions.device) / head_dim))
+    angles = positions.float()[:, None] * inv_freq[None, :]  # (T, head_dim/2), fp32
+    angles = torch.cat((angles, angles), dim=-1)  # (T, head_dim): pair i and i + d/2 share an angle
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x (B, n_head, T, head_dim) by the angles of its positions."""
+    x1, x2 = x.chunk(2, dim=-1)  # each (B, n_head, T, head_dim/2)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+# %% 4. Attention: grouped-query, QK-norm, optional sliding window
+# Vaswani et al. 2017 scaled dot-product attention, with three refinements used by Qwen3:
+# - Grouped-query attention (Ainslie et al. 2023, "GQA"): n_head query heads share n_kv_head
+#   key/value heads (query head h reads kv head h // (n_head / n_kv_head)). The KV cache shrinks by
+#   that factor at almost no quality cost. One kv head is multi-query attention (Shazeer 2019).
+# - QK-norm (Dehghani et al. 2023, "Scaling Vision Transformers to 22B"; new in Qwen3 vs Qwen2):
+#   RMSNorm over head_dim on every query and key head before RoPE, which bounds the attention
+#   logits and keeps training stable at high learning rates.
+# - Sliding-window attention (Beltagy et al. 2020, "Longformer"; Jiang et al. 2023, "Mistral 7B"):
+#   a layer may look only at the W most recent tokens, so its cost and cache stay bounded. Qwen3
+#   ships with it off; the config can switch it on for the top layers, as transformers does.
+# The softmax itself runs in F.scaled_dot_product_attention, which picks a fused kernel (flash
+# attention on GPUs) and handles GQA without materialising repeated keys and values.
+
+
+def attention_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) -> torch.Tensor:
+    """(Tq, Tk) bool, True where a query may attend: causal, and within the window if any."""
+    offset = q_pos[:, None] - k_pos[None, :]  # how far back each key lies from each query
+    allowed = offset >= 0
+    if window is not None:
+        allowed &= offset < window  # W keys: the query itself and W - 1 before it
+    return allowed
+
+
+class Attention(nn.Module):
+    def __init__(self, config: Qwen3Config, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_head, self.n_kv_head, self.head_dim = (config.num_attention_heads, config.num_key_value_heads,
+                                                      config.head_dim)
+        self.window = config.layer_window(layer_idx)
+        self.dropout = config.dropout
+        bias = config.attention_bias
+        self.q_proj = nn.Linear(config.hidden_size, self.n_head * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(config.hidden_size, self.n_kv_head * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(config.hidden_size, self.n_kv_head * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.n_head * self.head_dim, config.hidden_size, bias=bias)
+        self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+        self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+
+    def forward(self, x, cos, sin, start: int, cache=None):
+        B, T, _ = x.shape
+        q = self.q_norm(self.q_proj(x).view(B, T, self.n_head, self.head_dim)).transpose(1, 2)  # (B, n_head, T, hd)
+        k = self.k_norm(self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim)).transpose(1, 2)  # (B, n_kv, T, hd)
+        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, n_kv, T, hd)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(self.layer_idx, k, v)  # prepend the cached past: (B, n_kv, S, hd)
+        S = k.size(2)  # keys cover absolute positions [start + T - S, start + T)
+        mask, causal = None, False
+        if S == T and (self.window is None or self.window >= T):
+            causal = True  # no past and nothing outside the window: plain causal attention
+        elif not (T == 1 and (self.window is None or S <= self.window)):  # one new token seeing all keys needs no mask
+            q_pos = torch.arange(start, start + T, device=x.device)
+            mask = attention_mask(q_pos, torch.arange(start + T - S, start + T, device=x.device), self.window)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
+                                           dropout_p=self.dropout if self.training else 0.0,
+                                           enable_gqa=self.n_kv_head != self.n_head)  # (B, n_head, T, hd)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
+
+
+# %% 5. SwiGLU MLP
+# Shazeer 2020, "GLU Variants Improve Transformer". Instead of up-project, ReLU, down-project,
+# a SiLU-activated "gate" projection multiplies a second linear "up" projection elementwise.
+# The gating costs a third matrix but buys noticeably better loss per FLOP.
+
+
+class MLP(nn.Module):
+    def __init__(self, config: Qwen3Config):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+# %% 6. The model
+# A pre-norm transformer (Xiong et al. 2020): each block normalises its input, computes a branch
+# (attention, then MLP) and *adds* it to the residual stream, so gradients flow straight through
+# the additions from the loss to the embeddings. A final RMSNorm and a linear head turn the last
+# residual state into next-token logits. Names mirror transformers' keys: `model.layers.3.mlp...`.
+
+
+class Block(nn.Module):
+    def __init__(self, config: Qwen3Config, layer_idx: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config, layer_idx)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x, cos, sin, start, cache=None):
+        x = x + self.dropout(self.self_attn(self.input_layernorm(x), cos, sin, start, cache))
+        return x + self.dropout(self.mlp(self.post_attention_layernorm(x)))
+
+
+class Qwen3Model(nn.Module):
+    """The transformer body, token ids (B, T) -> final hidden states (B, T, hidden_size)."""
+
+    def __init__(self, config: Qwen3Config):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, input_ids, cache=None):
+        start = cache.seen_tokens if cache is not None else 0  # positions continue after the cache
+        x = self.embed_tokens(input_ids)  # (B, T, hidden)
+        positions = torch.arange(start, start + input_ids.size(1), device=input_ids.device)
+        cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, x.dtype)  # shared by all layers
+        for layer in self.layers:
+            x = layer(x, cos, sin, start, cache)
+        if cache is not None:
+            cache.seen_tokens += input_ids.size(1)
+        return self.norm(x)
+
+
+class Qwen3(nn.Module):
+    """Qwen3ForCausalLM. `logits, loss = model(idx, targets)`; loss is None without targets."""
+
+    def __init__(self, config: Qwen3Config):
+        super().__init__()
+        self.config = config
+        self.model = Qwen3Model(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight  # one matrix reads and writes tokens
+        self._init_weights()
+
+    def _init_weights(self):
+        # N(0, 0.02) everywhere, as transformers does; the two projections that write into the
+        # residual stream get std / sqrt(2 * layers) (GPT-2) so the stream's variance does not
+        # grow with depth. Gains start at one (RMSNorm's constructor).
+        for name, module in self.named_modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                std = self.config.initializer_range
+                if name.endswith(("o_proj", "down_proj")):
+                    std /= math.sqrt(2 * self.config.num_hidden_layers)
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+                if getattr(module, "bias", None) is not None:
+                    nn.init.zeros_(module.bias)
+
+    def forward(self, input_ids, targets=None, cache=None):
+        """input_ids (B, T) -> logits (B, T, vocab); targets (B, T) are the next tokens, -100 to skip."""
+        logits = self.lm_head(self.model(input_ids, cache))
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
+        return logits, loss
+
+    def num_params(self, non_embedding: bool = False) -> int:
+        n = sum(p.numel() for p in self.parameters())  # a tied matrix is counted once
+        return n - self.model.embed_tokens.weight.numel() if non_embedding else n
+
+    # generate(), stream(), from_pretrained() and save_pretrained() are attached below, in the
+    # sections that explain them.
+
+
+# %% 7. KV cache
+# Generating token t+1 needs the keys and values of tokens 0..t, which do not change once
+# computed. The cache keeps them per layer, so each new token costs one row of work instead of a
+# full forward pass over the whole sequence. Positions continue from `seen_tokens`. A sliding
+# layer only ever looks back W - 1 tokens, so it keeps only those: memory stays bounded however
+# long the generation runs.
+
+
+class KVCache:
+    def __init__(self, config: Qwen3Config):
+        self.windows = [config.layer_window(i) for i in range(config.num_hidden_layers)]
+        self.keys: list[torch.Tensor | None] = [None] * config.num_hidden_layers  # each (B, n_kv, S, hd)
+        self.values: list[torch.Tensor | None] = [None] * config.num_hidden_layers
+        self.seen_tokens = 0  # absolute position of the next token to be fed
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        """Append new keys/values (B, n_kv, T, hd); return everything the new queries may need."""
+        if self.keys[layer] is not None:
+            k = torch.cat((self.keys[layer], k), dim=2)
+            v = torch.cat((self.values[layer], v), dim=2)
+        keep = k.size(2) if self.windows[layer] is None else self.windows[layer] - 1
+        self.keys[layer], self.values[layer] = k[:, :, k.size(2) - keep:], v[:, :, v.size(2) - keep:]
+        return k, v
+
+    def __len__(self):
+        return self.seen_tokens
+
+
+# %% 8. Sampling
+# A language model gives a distribution over the next token; decoding picks from it. Temperature
+# sharpens (< 1) or flattens (> 1) it, 0 means always take the argmax (greedy). Top-k (Fan et al.
+# 2018) keeps the k likeliest tokens; top-p, "nucleus" (Holtzman et al. 2019), keeps the smallest
+# set whose probability reaches p. Both cut off the long tail of unlikely tokens that makes
+# samples derail. Order as in transformers: temperature, then top-k, then top-p.
+
+
+def top_k_filter(logits: torch.Tensor, k: int | None) -> torch.Tensor:
+    """Set all but the k largest logits to -inf (ties with the k-th are kept)."""
+    if not k or k >= logits.size(-1):
+        return logits
+    kth = torch.topk(logits, k, dim=-1).values[..., -1:]
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
+def top_p_filter(logits: torch.Tensor, p: float | None) -> torch.Tensor:
+    """Keep the smallest set of likeliest tokens whose probability mass reaches p (at least one)."""
+    if p is None or p >= 1.0:
+        return logits
+    if p <= 0.0:
+        raise ValueError(f"top_p must be in (0, 1], got {p}")
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    probs = sorted_logits.float().softmax(dim=-1)
+    mass_before = probs.cumsum(dim=-1) - probs  # mass of the strictly likelier tokens
+    drop = (mass_before >= p).scatter(-1, order, mass_before >= p)  # back to vocabulary order
+    return logits.masked_fill(drop, float("-inf"))
+
+
+def sample_next_token(logits, temperature=1.0, top_k=None, top_p=None, generator=None) -> torch.Tensor:
+    """logits (B, vocab) -> next token ids (B,)."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = top_p_filter(top_k_filter(logits.float() / temperature, top_k), top_p)
+    return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator)[:, 0]
+
+
+@torch.no_grad()
+def _next_tokens(model: Qwen3, idx, max_new_tokens, temperature, top_k, top_p, generator):
+    """Prefill the prompt once, then feed one token per step; yields next tokens (B,)."""
+    cache, x = KVCache(model.config), idx
+    for _ in range(max_new_tokens):
+        h = model.model(x, cache)  # (B, T, hidden); only the last position matters
+        x = sample_next_token(model.lm_head(h[:, -1]), temperature, top_k, top_p, generator)[:, None]  # (B, 1)
+        yield x[:, 0]
+
+
+def _eos_ids(eos_token_id) -> list[int]:
+    return [] if eos_token_id is None else [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+
+
+@torch.no_grad()
+def generate(self: Qwen3, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
+             eos_token_id=None, generator=None) -> torch.Tensor:
+    """Continue idx (B, T) by up to max_new_tokens; returns (B, T + new). Rows that have emitted an
+    EOS keep emitting it; generation ends early once every row has. Call model.eval() first."""
+    eos = torch.tensor(_eos_ids(eos_token_id), dtype=torch.long, device=idx.device)
+    out, done = [idx], torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
+    for token in _next_tokens(self, idx, max_new_tokens, temperature, top_k, top_p, generator):
+        if len(eos):
+            token = torch.where(done, eos[0], token)
+            done |= torch.isin(token, eos)
+        out.append(token[:, None])
+        if len(eos) and done.all():
+            break
+    return torch.cat(out, dim=1)
+
+
+@torch.no_grad()
+def stream(self: Qwen3, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
+           eos_token_id=None, generator=None):
+    """Like generate for one sequence (1, T), but yields each new token id as soon as it exists.
+    Stops at EOS without yielding it."""
+    eos = set(_eos_ids(eos_token_id))
+    for token in _next_tokens(self, idx, max_new_tokens, temperature, top_k, top_p, generator):
+        if token.item() in eos:
+            return
+        yield token.item()
+
+
+Qwen3.generate, Qwen3.stream = generate, stream
+
+
+# %% 9. Checkpoints in Hugging Face format
+# A checkpoint is a directory: config.json (section 1) and the weights in safetensors, a format
+# that holds only tensors (no pickle, so loading one can never run code), in one file or sharded
+# with a model.safetensors.index.json. Tied models store the embedding once, without
+# lm_head.weight. Because our parameter names are transformers', nothing is renamed either way:
+# a downloaded Qwen3-0.6B runs here, and our trained models run in transformers.
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded; the message is one line naming the file."""
+
+
+def _weight_files(path: Path) -> list[Path]:
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (ValueError, KeyError, AttributeError) as e:
+            raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from None
+        return [path / s for s in shards]
+    if (path / "model.safetensors").exists():
+        return [path / "model.safetensors"]
+    raise CheckpointError(f"{path}: no model.safetensors or model.safetensors.index.json")
+
+
+def load_state_dict(path) -> dict[str, torch.Tensor]:
+    """All tensors of a checkpoint directory, on the CPU, as stored."""
+    from safetensors.torch import load_file
+    state = {}
+    for file in _weight_files(Path(path)):
+        try:
+            state.update(load_file(file))
+        except Exception as e:  # safetensors raises several types for truncated or garbled files
+            reason = " ".join(str(e).split()) or type(e).__name__
+            raise CheckpointError(f"{file}: unreadable safetensors file ({reason})") from None
+    return state
+
+
+@classmethod
+def from_pretrained(cls, path, dtype=None, device=None) -> Qwen3:
+    """Load a transformers Qwen3 checkpoint directory. dtype None keeps the stored dtype."""
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise CheckpointError(f"{path}: not a checkpoint directory (no config.json)")
+    try:
+        config = Qwen3Config.from_json(path / "config.json")
+    except (ValueError, TypeError) as e:
+        raise CheckpointError(f"{path / 'config.json'}: {' '.join(str(e).split())}") from None
+    state = load_state_dict(path)
+    with torch.device("meta"):  # shapes only: no time spent on random weights we overwrite
+        model = cls(config)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    if config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)  # some exporters store the tied head anyway
+        state["lm_head.weight"] = state.get("model.embed_tokens.weight")
+    missing = sorted(k for k in expected if state.get(k) is None)
+    unexpected = sorted(k for k in state if k not in expected)
+    if missing or unexpected:
+        what = f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}"
+        raise CheckpointError(f"{path}: weights do not match config.json ({what})")
+    for k, shape in expected.items():
+        if tuple(state[k].shape) != shape:
+            raise CheckpointError(f"{path}: {k} has shape {list(state[k].shape)}, config.json implies {list(shape)}")
+    state = {k: v.to(device=device, dtype=dtype if dtype is not None and v.is_floating_point() else v.dtype)
+             for k, v in state.items()}
+    model.load_state_dict(state, strict=True, assign=True)
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight  # assign=True replaced both; re-tie
+    return model.eval()
+
+
+def save_pretrained(self: Qwen3, path, dtype=None):
+    """Write config.json, generation_config.json and model.safetensors into directory `path`."""
+    from safetensors.torch import save_file
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().to("cpu", dtype or v.dtype).contiguous() for k, v in self.state_dict().items()}
+    if self.config.tie_word_embeddings:
+        del state["lm_head.weight"]  # stored once, as the embedding
+    save_file(state, path / "model.safetensors", metadata={"format": "pt"})
+    config = self.config.to_dict()
+    config["dtype"] = config["torch_dtype"] = str(next(iter(state.values())).dtype).removeprefix("torch.")
+    (path / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    generation = {k: getattr(self.config, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")
+                  if getattr(self.config, k) is not None}
+    (path / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+
+
+Qwen3.from_pretrained, Qwen3.save_pretrained = from_pretrained, save_pretrained
+
+
+# %% 10. Optimizers: Muon for hidden matrices, AdamW for the rest
+# Muon (Keller Jordan 2024, "Muon: An optimizer for hidden layers in neural networks"; the
+# optimizer behind the modded-nanogpt speedrun records). SGD-momentum produces updates whose
+# energy concentrates in a few directions. Muon replaces each weight matrix's momentum by the
+# nearest (semi-)orthogonal matrix, U V^T from its SVD, so every direction moves at the same rate.
+# The SVD is too slow, so five steps of a quintic Newton-Schulz iteration approximate it in bf16
+# matmuls; its coefficients (3.4445, -4.7750, 2.0315) push all singular values into roughly
+# (0.5, 1.5) as fast as possible rather than exactly to 1, which trains just as well.
+# Muon is defined for 2-D matrices inside the network. Embeddings (a lookup, not a linear map),
+# the output head and the 1-D gains go to AdamW (Loshchilov & Hutter 2019, decoupled weight decay).
+
+
+def zeropower_via_newtonschulz(G: torch.Tensor, steps: int = 5, eps: float = 1e-7) -> torch.Tensor:
+    """Approximately orthogonalise each matrix of G (..., rows, cols): U S V^T -> U S' V^T, S' ~ 1."""
+    a, b, c = 3.4445, -4.7750, 2.0315
+    X = G.bfloat16().reshape(-1, *G.shape[-2:])  # (n, rows, cols): a batch of matrices
+    tall = G.size(-2) > G.size(-1)
+    if tall:
+        X = X.mT  # iterate on the wide orientation: the Gram matrix X X^T is then the smaller one
+    X = X / X.norm(dim=(-2, -1), keepdim=True).clamp(min=eps)  # Frobenius norm >= spectral: all s.v. <= 1
+    for _ in range(steps):
+        A = X @ X.mT  # (n, rows, rows)
+        B = torch.baddbmm(A, A, A, beta=b, alpha=c)  # b A + c A^2, one fused op (as torch.optim.Muon)
+        X = torch.baddbmm(X, B, X, beta=a)  # a X + B X: a quintic polynomial in the singular values
+    return (X.mT if tall else X).reshape(G.shape)
+
+
+class Muon(torch.optim.Optimizer):
+    """MomentUm Orthogonalized by Newton-Schulz, for 2-D parameters. Same-shape matrices are
+    orthogonalised together in one batched call, which is where Muon spends its time."""
+
+    def __init__(self, params, lr=0.02, momentum=0.95, weight_decay=0.0, nesterov=True, ns_steps=5):
+        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay,
+                                      nesterov=nesterov, ns_steps=ns_steps))
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.ndim != 2:
+                    raise ValueError(f"Muon takes only 2-D parameters, got shape {tuple(p.shape)}")
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            by_shape = {}
+            for p in group["params"]:
+                if p.grad is not None:
+                    by_shape.setdefault(p.shape, []).append(p)
+            for shape, params in by_shape.items():
+                grads = [p.grad for p in params]
+                bufs = [self.state[p].setdefault("momentum_buffer", torch.zeros_like(p)) for p in params]
+                torch._foreach_lerp_(bufs, grads, 1 - group["momentum"])  # buf = beta buf + (1 - beta) g
+                updates = torch.stack([g.lerp(b, group["momentum"]) for g, b in zip(grads, bufs)]
+                                      if group["nesterov"] else bufs)  # (n, rows, cols)
+                updates = zeropower_via_newtonschulz(updates, group["ns_steps"])
+                scale = max(1.0, shape[0] / shape[1]) ** 0.5  # tall matrices: keep the update's RMS up
+                torch._foreach_mul_(params, 1 - group["lr"] * group["weight_decay"])  # decoupled decay
+                torch._foreach_add_(params, list(updates.unbind(0)), alpha=-group["lr"] * scale)
+        return loss
+
+
+def configure_optimizers(model: Qwen3, optimizer: str = "muon", lr: float = 3e-3, muon_lr: float = 0.02,
+                         weight_decay: float = 0.1, betas=(0.9, 0.95), eps: float = 1e-8):
+    """The optimizers for training `model`, as a list to step together.
+
+    "muon": Muon on every 2-D matrix inside the blocks, AdamW on embeddings, lm_head and gains.
+    "adamw": AdamW on everything (the baseline), weight decay on 2-D weights only, as is usual:
+    decaying gains and biases toward zero only fights the normalisation.
+    Every param group records `base_lr`; a schedule sets group["lr"] = base_lr * multiplier.
+    """
+    if optimizer not in ("muon", "adamw"):
+        raise ValueError(f"unknown optimizer {optimizer!r}; choose muon or adamw")
+    params = {id(p): (name, p) for name, p in model.named_parameters()}.values()  # a tied matrix once
+    hidden = [p for name, p in params if p.ndim == 2 and name.startswith("model.layers.")]
+    decay = [p for name, p in params if p.ndim == 2 and not (optimizer == "muon" and name.startswith("model.layers."))]
+    no_decay = [p for name, p in params if p.ndim < 2]
+    adamw_groups = [dict(params=decay, weight_decay=weight_decay, base_lr=lr),
+                    dict(params=no_decay, weight_decay=0.0, base_lr=lr)]
+    fused = dict(fused=True) if all(p.is_cuda for p in model.parameters()) else {}
+    optimizers = [torch.optim.AdamW(adamw_groups, lr=lr, betas=betas, eps=eps, **fused)]
+    if optimizer == "muon":
+        optimizers.insert(0, Muon([dict(params=hidden, base_lr=muon_lr)], lr=muon_lr, weight_decay=weight_decay))
+    return optimizers
