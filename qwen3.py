@@ -28,6 +28,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
+import torch.distributed
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -631,11 +632,26 @@ class Muon(torch.optim.Optimizer):
                 torch._foreach_lerp_(bufs, grads, 1 - group["momentum"])  # buf = beta buf + (1 - beta) g
                 updates = torch.stack([g.lerp(b, group["momentum"]) for g, b in zip(grads, bufs)]
                                       if group["nesterov"] else bufs)  # (n, rows, cols)
-                updates = zeropower_via_newtonschulz(updates, group["ns_steps"])
+                updates = self._orthogonalize(updates, group["ns_steps"])
                 scale = max(1.0, shape[0] / shape[1]) ** 0.5  # tall matrices: keep the update's RMS up
                 torch._foreach_mul_(params, 1 - group["lr"] * group["weight_decay"])  # decoupled decay
                 torch._foreach_add_(params, list(updates.unbind(0)), alpha=-group["lr"] * scale)
         return loss
+
+    @staticmethod
+    def _orthogonalize(updates: torch.Tensor, ns_steps: int) -> torch.Tensor:
+        """Newton-Schulz on a stack (n, rows, cols). Under torch.distributed every rank holds the
+        same all-reduced gradients, so each orthogonalises only its slice of the stack and the
+        slices are all-gathered: the cost is split across ranks, not repeated on each."""
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            return zeropower_via_newtonschulz(updates, ns_steps)
+        world, rank, n = torch.distributed.get_world_size(), torch.distributed.get_rank(), updates.size(0)
+        per_rank = -(-n // world)
+        padded = F.pad(updates, (0, 0, 0, 0, 0, per_rank * world - n))  # (world * per_rank, rows, cols)
+        mine = zeropower_via_newtonschulz(padded[rank * per_rank:(rank + 1) * per_rank], ns_steps)
+        gathered = [torch.empty_like(mine) for _ in range(world)]
+        torch.distributed.all_gather(gathered, mine.contiguous())
+        return torch.cat(gathered)[:n]
 
 
 def configure_optimizers(model: Qwen3, optimizer: str = "muon", lr: float = 3e-3, muon_lr: float = 0.02,
