@@ -394,7 +394,8 @@ class KVCache:
         if self.keys[layer] is not None:
             k = torch.cat((self.keys[layer], k), dim=2)
             v = torch.cat((self.values[layer], v), dim=2)
-        keep = k.size(2) if self.windows[layer] is None else self.windows[layer] - 1
+        window = self.windows[layer]
+        keep = k.size(2) if window is None else min(k.size(2), window - 1)  # the next query's view
         self.keys[layer], self.values[layer] = k[:, :, k.size(2) - keep:], v[:, :, v.size(2) - keep:]
         return k, v
 
