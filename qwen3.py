@@ -89,7 +89,7 @@ class Qwen3Config:
     def layer_window(self, i: int) -> int | None:
         """The sliding window of layer i, or None if it attends to the whole past."""
         if not self.use_sliding_window:
-            return None  # transformers ignores the window (and layer_types' "sliding") when off
+            return None  # the master switch is off: every layer attends to the whole past
         if self.layer_types is not None:
             return self.sliding_window if self.layer_types[i] == "sliding_attention" else None
         return self.sliding_window if i >= self.max_window_layers else None
@@ -417,6 +417,8 @@ class KVCache:
 
 def top_k_filter(logits: torch.Tensor, k: int | None) -> torch.Tensor:
     """Set all but the k largest logits to -inf (ties with the k-th are kept)."""
+    if k is not None and k < 0:
+        raise ValueError(f"top_k must be >= 0, got {k}")
     if not k or k >= logits.size(-1):
         return logits
     kth = torch.topk(logits, k, dim=-1).values[..., -1:]
@@ -431,8 +433,9 @@ def top_p_filter(logits: torch.Tensor, p: float | None) -> torch.Tensor:
         raise ValueError(f"top_p must be in (0, 1], got {p}")
     sorted_logits, order = logits.sort(dim=-1, descending=True)
     probs = sorted_logits.float().softmax(dim=-1)
-    mass_before = probs.cumsum(dim=-1) - probs  # mass of the strictly likelier tokens
-    drop = (mass_before >= p).scatter(-1, order, mass_before >= p)  # back to vocabulary order
+    drop = probs.cumsum(dim=-1) - probs >= p  # the strictly likelier tokens already hold mass p
+    drop[..., 0] = False  # the likeliest token always stays (even for a p below fp32's resolution)
+    drop = drop.scatter(-1, order, drop)  # back to vocabulary order
     return logits.masked_fill(drop, float("-inf"))
 
 

@@ -690,3 +690,11 @@ def test_dropout_only_in_training(model_pair, assert_logits_close):
     no_dropout.load_state_dict(hf.state_dict(), strict=True)
     with torch.no_grad():
         assert_logits_close(no_dropout(idx)[0], want)
+
+
+def test_sampling_filters_refuse_nonsense_settings():
+    logits = torch.randn(2, 7)
+    with pytest.raises(ValueError, match="top_k"):
+        top_k_filter(logits, -1)
+    with pytest.raises(ValueError, match="top_p"):
+        top_p_filter(logits, 0.0)
