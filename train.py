@@ -1,0 +1,573 @@
+"""
+Train a Qwen3 from scratch, and keep what it learns.
+
+    python train.py                          # offline, ~10 minutes on a 2-core CPU (embedded corpus)
+    python train.py --data smollm            # the upstream corpus from the hub; on a GPU: the seed config
+    python train.py --resume                 # continue out/last after Ctrl-C, SIGTERM, a crash or --stop-at
+    python train.py --help                   # every flag
+
+Read it top to bottom:
+    1. Flags          every hyperparameter, with device-dependent defaults
+    2. Checkpoints    Hugging Face model folders, written atomically; training state for --resume
+    3. Evaluation     loss, perplexity and next-token accuracy on fixed windows of each split
+    4. The loop       warmup + cosine schedule, gradient accumulation, clipping, bf16 on CUDA
+Where the tokens come from, and in which order they are read, is data.py's story.
+
+Data-parallel training (torchrun) is meant to slot in without changing the story: the data order
+is a pure function of the global sample number (so each rank can take its share), and only the
+functions in section 2 and `log_eval` write files (so only rank 0 would call them).
+"""
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import shutil
+import signal
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from data import Batches, DataError, default_cache_dir, fixed_starts, prepare_data, windows
+from qwen3 import PRESETS, CheckpointError, Qwen3, Qwen3Config, configure_optimizers
+
+# %% 1. Flags
+# Flags left at None take the value for the device: on a CPU a small model that learns something
+# in ten minutes, on a GPU the upstream "seed" configuration. The embedded corpus is ~2.1M
+# training tokens, so on a GPU (~12k tokens per step) 600 steps is ~3.5 epochs, about where a
+# model this size stops generalising and starts memorising; dropout slows that down.
+DEVICE_DEFAULTS = {
+    "cpu": dict(preset="cpu", vocab_size=4096, batch_size=8, seq_len=256, max_steps=500, eval_every=50,
+                eval_batches=8, dropout=0.0),
+    "gpu": dict(preset="seed", vocab_size=8192, batch_size=24, seq_len=512, max_steps=600, eval_every=50,
+                eval_batches=20, dropout=0.1),
+}
+# Model-shape flags: None keeps the preset's value.
+SHAPE_FLAGS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+               "head_dim", "rope_theta", "tie_word_embeddings")
+# Flags about this invocation rather than the run; --resume does not take them from the checkpoint.
+SESSION_FLAGS = ("device", "dtype", "compile", "out_dir", "resume", "overwrite", "stop_at")
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    def _get_help_string(self, action):  # show defaults, except where the help text explains them
+        if action.default is None or action.default is False or "default:" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    def error(self, message):  # one line, not argparse's usage dump
+        print(f"error: {message} (see --help)", file=sys.stderr)
+        sys.exit(2)
+
+
+def positive_int(s):
+    if not s.isdigit() or int(s) < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}")
+    return int(s)
+
+
+def build_parser() -> ArgumentParser:
+    p = ArgumentParser(description="Train a Qwen3 language model from scratch. Defaults marked 'device' "
+                       "depend on the device: a small model on a CPU, the upstream seed config on a GPU.",
+                       epilog="Ctrl-C or SIGTERM saves OUT/last and exits with 130 or 143 (128 + signal); "
+                       "--resume continues exactly where it stopped. Errors exit with 1 (2 for bad flags).",
+                       formatter_class=HelpFormatter)
+    g = p.add_argument_group("data")
+    g.add_argument("--data", default="auto", help="auto (the hub corpus if reachable, else embedded), smollm "
+                   "(HuggingFaceTB/smollm-corpus cosmopedia-v2), embedded[:wiki|kjv|wiki+kjv] (Wikipedia "
+                   "summaries + King James Bible, shipped in pip packages, offline), a .txt/.jsonl/.json/.parquet "
+                   "file, folder or glob, or a hub dataset NAME[:CONFIG]")
+    g.add_argument("--tokenizer", default="auto", help="auto (SmolLM-135M's for smollm, else bpe), bpe (train a "
+                   "byte-level BPE on the training split), or a Hugging Face tokenizer name or folder")
+    g.add_argument("--vocab-size", type=positive_int, default=None, help="vocabulary size of a trained BPE "
+                   "(default: device, 4096 on CPU, 8192 on GPU)")
+    g.add_argument("--max-docs", type=positive_int, default=None, help="use at most this many documents "
+                   "(default: 2000 for smollm, all otherwise)")
+    g.add_argument("--max-tokens", type=positive_int, default=None, help="cut the training split to this many "
+                   "tokens (default: 500000 for smollm, all otherwise)")
+    g.add_argument("--val-frac", type=float, default=0.05, help="fraction of documents held out for validation")
+    g.add_argument("--split-seed", type=int, default=0, help="seed of the train/validation document split")
+    g.add_argument("--text-field", default="text", help="the text column of .jsonl/.parquet/hub data")
+    g.add_argument("--cache-dir", default=str(default_cache_dir()), help="where tokenised data and trained "
+                   "tokenizers are cached, shared by all runs")
+
+    g = p.add_argument_group("model")
+    g.add_argument("--preset", default=None, help=f"model shape: {', '.join(PRESETS)} (default: device)")
+    for flag, kind, what in [("hidden-size", int, "width of the residual stream"),
+                             ("intermediate-size", int, "width of the MLP"),
+                             ("num-hidden-layers", int, "number of blocks"),
+                             ("num-attention-heads", int, "query heads"),
+                             ("num-key-value-heads", int, "key/value heads (GQA)"),
+                             ("head-dim", int, "width of one head"),
+                             ("rope-theta", float, "RoPE base")]:
+        g.add_argument(f"--{flag}", type=kind, default=None, help=f"{what} (default: the preset's)")
+    g.add_argument("--tie-word-embeddings", action=argparse.BooleanOptionalAction, default=None,
+                   help="share the embedding and output matrices (default: the preset's)")
+    g.add_argument("--dropout", type=float, default=None, help="dropout on attention and residual branches "
+                   "(default: device, 0 on CPU, 0.1 on GPU)")
+
+    g = p.add_argument_group("training")
+    g.add_argument("--batch-size", type=positive_int, default=None, help="sequences per micro-batch (default: device)")
+    g.add_argument("--seq-len", type=positive_int, default=None, help="tokens per sequence (default: device)")
+    g.add_argument("--grad-accum", type=positive_int, default=1, help="micro-batches per optimizer step; "
+                   "their gradients are averaged")
+    g.add_argument("--max-steps", type=positive_int, default=None, help="optimizer steps; the LR schedule ends "
+                   "here. With --resume, a larger value stretches the remaining schedule (default: device)")
+    g.add_argument("--optimizer", default="muon", help="muon (Muon for hidden matrices + AdamW) or adamw")
+    g.add_argument("--lr", type=float, default=3e-3, help="peak AdamW learning rate")
+    g.add_argument("--muon-lr", type=float, default=0.02, help="peak Muon learning rate")
+    g.add_argument("--betas", type=float, nargs=2, default=[0.9, 0.95], help="AdamW betas")
+    g.add_argument("--adam-eps", type=float, default=1e-8, help="AdamW epsilon")
+    g.add_argument("--weight-decay", type=float, default=0.1, help="decoupled weight decay on matrices")
+    g.add_argument("--warmup-frac", type=float, default=0.05, help="linear warmup, as a fraction of --max-steps")
+    g.add_argument("--min-lr-frac", type=float, default=0.1, help="the cosine decays to this fraction of the peak")
+    g.add_argument("--grad-clip", type=float, default=1.0, help="clip the global gradient norm (0: off)")
+    g.add_argument("--seed", type=int, default=1337, help="seed of the initial weights, dropout and data order")
+
+    g = p.add_argument_group("evaluation and checkpoints")
+    g.add_argument("--eval-every", type=positive_int, default=None, help="evaluate (and save last/) every N "
+                   "steps (default: device)")
+    g.add_argument("--eval-batches", type=positive_int, default=None, help="batches of each split per "
+                   "evaluation (default: device)")
+    g.add_argument("--sample-tokens", type=int, default=80, help="tokens to sample at the end (0: none)")
+    g.add_argument("--out-dir", default="out", help="checkpoints (best/, last/) and metrics.jsonl go here")
+    g.add_argument("--save-every", type=int, default=0, help="also save last/ every N steps (0: only at "
+                   "evaluations, on interruption and at the end)")
+    g.add_argument("--resume", action="store_true", help="continue from OUT/last with its flags; flags given "
+                   "now override them")
+    g.add_argument("--overwrite", action="store_true", help="start afresh even if --out-dir holds a checkpoint "
+                   "(deletes it)")
+    g.add_argument("--stop-at", type=positive_int, default=None, help="save last/ and stop after this step, "
+                   "schedule unchanged; continue later with --resume")
+
+    g = p.add_argument_group("system")
+    g.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda or mps")
+    g.add_argument("--dtype", default="auto", help="autocast dtype: auto (bfloat16 on CUDA, else float32), "
+                   "float32 or bfloat16")
+    g.add_argument("--compile", action="store_true", help="torch.compile the model (faster on GPUs, slow start)")
+    return p
+
+
+class TrainError(Exception):
+    """A problem for the user; the message is one line."""
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
+    if name not in available:
+        raise TrainError(f"unknown --device {name!r}; choose auto, cpu, cuda or mps")
+    if not available[name]:
+        raise TrainError(f"--device {name} requested but not available here")
+    return torch.device(name)
+
+
+def parse_args(argv=None):
+    """Flags -> (args, the checkpoint's training_state.json when resuming, else None)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    recover(Path(args.out_dir))
+    info = None
+    if args.resume:
+        info = read_training_info(Path(args.out_dir) / "last")
+        parser.set_defaults(**{k: v for k, v in info["args"].items() if k not in SESSION_FLAGS})
+        args = parser.parse_args(argv)  # the checkpoint's flags, overridden by those given now
+    device = resolve_device(args.device)
+    for k, v in DEVICE_DEFAULTS["cpu" if device.type == "cpu" else "gpu"].items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    if args.dtype == "auto":
+        args.dtype = "bfloat16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
+    if args.dtype not in ("float32", "bfloat16"):
+        raise TrainError(f"unknown --dtype {args.dtype!r}; choose auto, float32 or bfloat16")
+    if args.optimizer not in ("muon", "adamw"):
+        raise TrainError(f"unknown --optimizer {args.optimizer!r}; choose muon or adamw")
+    if not 0 < args.val_frac < 1:
+        raise TrainError(f"--val-frac must be between 0 and 1, got {args.val_frac}")
+    return args, device, info
+
+
+def model_config(args, tokenizer=None) -> Qwen3Config:
+    overrides = {k: getattr(args, k) for k in SHAPE_FLAGS if getattr(args, k) is not None}
+    overrides.update(dropout=args.dropout, max_position_embeddings=args.seq_len)  # the context it is trained on
+    if tokenizer is not None:  # the vocabulary is the tokenizer's, whatever the preset says
+        overrides.update(vocab_size=len(tokenizer), eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id)
+    try:
+        return Qwen3Config.preset(args.preset, **overrides)
+    except ValueError as e:
+        raise TrainError(str(e)) from None
+
+
+# %% 2. Checkpoints
+# OUT/best/ (lowest validation loss so far) and OUT/last/ (the newest state) are Hugging Face model
+# folders: config.json, model.safetensors, the tokenizer. transformers' AutoModelForCausalLM and
+# AutoTokenizer load them as they are. last/ also holds what --resume needs: the optimizer states
+# and RNG states in training_state.pt (tensors only, read back with weights_only=True, so loading
+# it cannot run code) and the step, schedule and flags in training_state.json, which also records
+# the .pt file's SHA-256: a file that does not match is refused before it is even opened.
+#
+# A save never touches the previous checkpoint until the new one is complete: it writes .NAME.tmp/,
+# flushes it to disk, renames NAME/ to .NAME.old/, renames .NAME.tmp/ to NAME/, then deletes the
+# old one. A crash at any moment leaves a complete checkpoint under one of those names, and
+# `recover` (run at start) puts the newest one back in place.
+
+
+def recover(out: Path):
+    """Finish or undo a save that a crash interrupted."""
+    for name in ("best", "last"):
+        final, tmp, old = out / name, out / f".{name}.tmp", out / f".{name}.old"
+        if not final.exists() and old.exists():
+            os.rename(tmp if tmp.exists() else old, final)  # tmp is complete once old exists
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def fsync_dir(path: Path):
+    if os.name == "posix":  # a rename is durable only once its directory is flushed
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def save_checkpoint(out: Path, name: str, model: Qwen3, tokenizer, state: dict | None = None, info: dict | None = None):
+    final, tmp, old = out / name, out / f".{name}.tmp", out / f".{name}.old"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if state is not None:
+            torch.save(state, tmp / "training_state.pt")
+            info = {**info, "training_state_sha256": sha256(tmp / "training_state.pt")}
+            (tmp / "training_state.json").write_text(json.dumps(info, indent=2) + "\n")
+        for f in tmp.iterdir():
+            with open(f, "ab") as fh:  # "ab": a writable handle that changes nothing
+                os.fsync(fh.fileno())
+        fsync_dir(tmp)
+        if final.exists():
+            os.rename(final, old)
+        os.rename(tmp, final)
+        fsync_dir(out)
+    except Exception as e:  # disk full, permissions, ...: whatever it is, the old checkpoint stays
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old.exists() and not final.exists():
+            os.rename(old, final)
+        reason = " ".join(str(e).split()) or type(e).__name__
+        raise TrainError(f"saving {final} failed ({reason}); the previous checkpoint is intact") from None
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def read_training_info(last: Path) -> dict:
+    path = last / "training_state.json"
+    if not path.is_file():
+        raise TrainError(f"--resume: no checkpoint to resume from ({path} not found)")
+    try:
+        info = json.loads(path.read_text())
+    except ValueError as e:
+        raise TrainError(f"{path} is not valid JSON ({e})") from None
+    required = {"step", "args", "best_val_loss", "best_step", "elapsed_s", "training_state_sha256"}
+    if not isinstance(info, dict) or not required <= info.keys():
+        raise TrainError(f"{path} lacks {', '.join(sorted(required - set(info or ())))}")
+    return info
+
+
+def load_training_state(last: Path, info: dict) -> dict:
+    path = last / "training_state.pt"
+    if not path.is_file() or sha256(path) != info.get("training_state_sha256"):
+        raise TrainError(f"{path} is missing or does not match the checksum in training_state.json "
+                         f"(corrupt or tampered); refusing to load it")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)  # tensors and plain containers only
+    except Exception as e:
+        raise TrainError(f"{path} could not be loaded safely ({' '.join(str(e).split())[:200]})") from None
+
+
+def check_out_dir(out: Path, config: Qwen3Config, resuming: bool, overwrite: bool):
+    """Refuse to mix runs: a checkpoint already in --out-dir is continued (--resume), replaced
+    (--overwrite) or left alone (error), and --resume must not change the model's shape."""
+    existing = next((out / n for n in ("last", "best") if (out / n / "config.json").is_file()), None)
+    if existing is None or (overwrite and not resuming):
+        return
+    try:
+        theirs = Qwen3Config.from_json(existing / "config.json")
+    except (ValueError, TypeError) as e:
+        raise TrainError(f"{existing / 'config.json'} is unreadable ({e})") from None
+    diff = [f"{k} {getattr(theirs, k)} there, {getattr(config, k)} here" for k in SHAPE_FLAGS
+            if getattr(theirs, k) != getattr(config, k)]
+    if diff:
+        raise TrainError(f"{out} holds a different model ({'; '.join(diff)}); use another --out-dir"
+                         + ("" if resuming else " or --overwrite"))
+    if not resuming:
+        raise TrainError(f"{out} already holds a checkpoint ({existing}); pass --resume to continue it "
+                         f"or --overwrite to start again")
+
+
+# %% 3. Evaluation
+# Both splits are scored on the same fixed windows every time, in eval mode (no dropout), so the
+# numbers are comparable across evaluations and the train/validation gap measures memorisation.
+# Perplexity is exp(validation loss); accuracy is the fraction of next tokens predicted by argmax.
+
+
+@torch.no_grad()
+def evaluate(model, tokens, starts, args, device, autocast) -> tuple[float, float]:
+    model.eval()
+    loss_sum, correct, count = 0.0, 0, 0
+    for i in range(0, len(starts), args.batch_size):
+        x, y = (torch.from_numpy(a).to(device) for a in windows(tokens, starts[i:i + args.batch_size], args.seq_len))
+        with autocast:
+            logits, loss = model(x, y)
+        loss_sum += loss.item() * y.numel()
+        correct += (logits.argmax(-1) == y).sum().item()
+        count += y.numel()
+    model.train()
+    return loss_sum / count, correct / count
+
+
+def log_eval(out: Path, record: dict, write):
+    write(f"step {record['step']:>5} | epoch {record['epoch']:.2f} | train loss {record['train_loss']:.4f} | "
+          f"val loss {record['val_loss']:.4f} | ppl {record['val_ppl']:.2f} | acc {record['val_acc']:.3f} | "
+          f"{record['elapsed_s'] / 60:.1f} min")
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def read_metrics(path: Path) -> list[dict]:
+    records = []
+    for line in path.read_text().splitlines() if path.exists() else []:
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            pass  # a line cut short by a hard kill
+    return records
+
+
+def sample(model, tokenizer, n: int, device, seed: int) -> str:
+    """A short continuation of an empty document (the EOS separator), to see what the model writes."""
+    model.eval()
+    idx = torch.tensor([[tokenizer.eos_token_id]], device=device)
+    out = model.generate(idx, n, temperature=0.8, top_k=50, eos_token_id=tokenizer.eos_token_id,
+                         generator=torch.Generator(device).manual_seed(seed))
+    return tokenizer.decode(out[0, 1:], skip_special_tokens=True)
+
+
+# %% 4. The loop
+# One optimizer step = --grad-accum micro-batches whose losses are averaged (each is divided by
+# the count before backward, and all hold the same number of tokens), then gradient clipping,
+# then every optimizer steps with the learning rate of this step. The schedule is a pure function
+# of the step: linear warmup over a fraction of the run (so even a 20-step run warms up and then
+# learns), then a cosine down to a floor at --max-steps.
+
+
+def lr_multiplier(step: int, max_steps: int, warmup_frac: float, min_lr_frac: float) -> float:
+    warmup = max(1, round(warmup_frac * max_steps))
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, max_steps - warmup))
+    return min_lr_frac + (1 - min_lr_frac) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def train(args, device: torch.device, info: dict | None) -> int:
+    out = Path(args.out_dir)
+    last = out / "last"
+    check_out_dir(out, model_config(args), resuming=info is not None, overwrite=args.overwrite)
+    if info is not None and info["step"] >= args.max_steps:
+        print(f"{last} is at step {info['step']}, which already reaches --max-steps {args.max_steps}; "
+              f"nothing to do (pass a larger --max-steps to train further)")
+        return 0
+
+    # data and model
+    data = prepare_data(args.data, str(last) if info else args.tokenizer, vocab_size=args.vocab_size,
+                        max_docs=args.max_docs, max_tokens=args.max_tokens, val_frac=args.val_frac,
+                        split_seed=args.split_seed, text_field=args.text_field, cache_dir=args.cache_dir)
+    args.data = data.spec  # "auto" resolved: --resume must read the same data
+    tokenizer, meta = data.tokenizer, data.meta
+    batches = Batches(data.train, args.seq_len, args.seed)
+    if batches.windows_per_epoch < 1 or len(data.val) < args.seq_len + 1:
+        raise TrainError(f"corpus too small for --seq-len {args.seq_len}: {len(data.train)} training and "
+                         f"{len(data.val)} validation tokens, need at least {2 * args.seq_len} and "
+                         f"{args.seq_len + 1}; use more data or a shorter --seq-len")
+    if info is not None and info.get("data_key") != data.key:
+        print("warning: the data differ from the checkpoint's; resuming on the new data", file=sys.stderr)
+    eval_count = args.eval_batches * args.batch_size
+    train_eval = fixed_starts(data.train, args.seq_len, eval_count)
+    val_eval = fixed_starts(data.val, args.seq_len, eval_count)
+
+    config = model_config(args, tokenizer)
+    torch.manual_seed(args.seed)
+    model = Qwen3(config)
+    if info is not None:
+        model.load_state_dict(Qwen3.from_pretrained(last).state_dict())
+    model.to(device)
+    optimizers = configure_optimizers(model, args.optimizer, lr=args.lr, muon_lr=args.muon_lr,
+                                      weight_decay=args.weight_decay, betas=tuple(args.betas), eps=args.adam_eps)
+    step, best_val, best_step, elapsed = 0, None, None, 0.0
+    if info is not None:
+        state = load_training_state(last, info)
+        try:
+            for opt, opt_state in zip(optimizers, state["optimizers"], strict=True):
+                flags = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
+                opt.load_state_dict(opt_state)  # moments from the checkpoint ...
+                for group, hyper in zip(opt.param_groups, flags, strict=True):
+                    group.update(hyper)  # ... learning rates, decay, betas from the flags
+            torch.set_rng_state(state["rng_cpu"])
+            if device.type == "cuda" and "rng_cuda" in state:
+                torch.cuda.set_rng_state(state["rng_cuda"], device)
+        except (ValueError, KeyError, TypeError, RuntimeError) as e:
+            raise TrainError(f"{last / 'training_state.pt'} does not fit this run (was --optimizer changed?): "
+                             f"{' '.join(str(e).split())[:200]}") from None
+        step, best_val, best_step, elapsed = info["step"], info["best_val_loss"], info["best_step"], info["elapsed_s"]
+    elif args.overwrite:
+        for name in ("best", "last"):
+            shutil.rmtree(out / name, ignore_errors=True)
+    out.mkdir(parents=True, exist_ok=True)
+    metrics = out / "metrics.jsonl"
+    kept = [r for r in read_metrics(metrics) if r["step"] <= step] if info is not None else []
+    metrics.write_text("".join(json.dumps(r) + "\n" for r in kept))  # a resumed log goes on from its step
+
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    autocast = torch.autocast(device.type, torch.bfloat16) if args.dtype == "bfloat16" else nullcontext()
+    net = torch.compile(model) if args.compile else model  # what runs forward passes
+    tokens_per_step = args.batch_size * args.seq_len * args.grad_accum
+    schedule = (args.max_steps, args.warmup_frac, args.min_lr_frac)
+
+    print(f"data: {meta['source']}: {meta['train_tokens']:,} training tokens ({meta['train_docs']} documents), "
+          f"{meta['val_tokens']:,} validation tokens ({meta['val_docs']} documents), tokenizer vocab {len(tokenizer)}")
+    print("model: " + json.dumps({k: getattr(config, k) for k in ("vocab_size", *SHAPE_FLAGS, "dropout",
+                                                                  "max_position_embeddings")})
+          + f", {model.num_params() / 1e6:.2f}M parameters")
+    epoch_steps = batches.windows_per_epoch * args.seq_len / tokens_per_step
+    lrs = f"lr {args.lr:g}" + (f", muon lr {args.muon_lr:g}" if args.optimizer == "muon" else "")
+    print(f"training: {args.max_steps} steps of {tokens_per_step:,} tokens (batch {args.batch_size} x seq "
+          f"{args.seq_len} x accum {args.grad_accum}), one epoch = {epoch_steps:.0f} steps; {args.optimizer} "
+          f"({lrs}), device {device.type}, {args.dtype}" + (", compiled" if args.compile else "")
+          + (f"; resuming at step {step}" if info else ""))
+
+    def run_info():
+        return dict(step=step, max_steps=args.max_steps, samples_seen=step * args.batch_size * args.grad_accum,
+                    best_val_loss=best_val, best_step=best_step, elapsed_s=elapsed, data_key=data.key,
+                    args={k: v for k, v in vars(args).items() if k not in SESSION_FLAGS})
+
+    def save_last():
+        state = dict(optimizers=[o.state_dict() for o in optimizers], rng_cpu=torch.get_rng_state())
+        if device.type == "cuda":
+            state["rng_cuda"] = torch.cuda.get_rng_state(device)
+        save_checkpoint(out, "last", model, tokenizer, state, run_info())
+
+    # Ctrl-C and SIGTERM (sent by `kill`, schedulers, shutdowns) ask the loop to save last/ and stop
+    # at the end of the current step; a second one stops at once (the previous last/ survives).
+    stop = []
+
+    def request_stop(signum, frame):
+        if stop:
+            raise KeyboardInterrupt
+        stop.append(signum)
+        bar.write(f"{signal.Signals(signum).name}: saving {last} at the end of this step "
+                  f"(again to quit without saving)")
+
+    from tqdm import tqdm
+    bar = tqdm(total=args.max_steps, initial=step, disable=None, dynamic_ncols=True, unit="step")
+    handlers = {s: signal.signal(s, request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
+    start_time, start_elapsed = time.perf_counter(), elapsed
+    saved_at = step if info is not None else None  # the step last/ holds; a resumed one was evaluated too
+    try:
+        model.train()
+        while True:
+            elapsed = start_elapsed + time.perf_counter() - start_time
+            if step != saved_at:
+                evaluating = step % args.eval_every == 0 or step == args.max_steps
+                if evaluating:
+                    train_loss, _ = evaluate(net, data.train, train_eval, args, device, autocast)
+                    val_loss, val_acc = evaluate(net, data.val, val_eval, args, device, autocast)
+                    log_eval(out, dict(step=step, epoch=batches.epochs(step * args.batch_size * args.grad_accum),
+                                       tokens=step * tokens_per_step, train_loss=train_loss, val_loss=val_loss,
+                                       val_ppl=math.exp(val_loss), val_acc=val_acc,
+                                       lr=optimizers[0].param_groups[0]["base_lr"] * lr_multiplier(step, *schedule),
+                                       elapsed_s=elapsed), bar.write)
+                    if step > 0 and (best_val is None or val_loss < best_val):
+                        best_val, best_step = val_loss, step
+                        save_checkpoint(out, "best", model, tokenizer)
+                if step > 0 and (evaluating or (args.save_every and step % args.save_every == 0)):
+                    save_last()
+                    saved_at = step
+            if step == args.max_steps:
+                break
+            if stop or step == args.stop_at:
+                if saved_at != step:
+                    save_last()
+                why = signal.Signals(stop[0]).name if stop else f"--stop-at {args.stop_at}"
+                bar.write(f"stopped at step {step} ({why}); {last} saved, continue with --resume")
+                return 128 + stop[0] if stop else 0
+
+            # one optimizer step
+            t0 = time.perf_counter()
+            for opt in optimizers:
+                for group in opt.param_groups:
+                    group["lr"] = group["base_lr"] * lr_multiplier(step, *schedule)
+            loss_sum = 0.0
+            for micro in range(args.grad_accum):
+                first = (step * args.grad_accum + micro) * args.batch_size  # global sample number
+                x, y = windows(data.train, batches.starts(np.arange(first, first + args.batch_size)), args.seq_len)
+                x, y = (torch.from_numpy(a).to(device, non_blocking=True) for a in (x, y))
+                with autocast:
+                    _, loss = net(x, y)
+                (loss / args.grad_accum).backward()
+                loss_sum += loss.detach()
+            loss_value = (loss_sum / args.grad_accum).item()
+            if not math.isfinite(loss_value):
+                kept = f"{last} (step {saved_at})" if saved_at is not None else "none, nothing was saved yet"
+                raise TrainError(f"loss is {loss_value} at step {step + 1}; stopped. Last good checkpoint: {kept}")
+            if args.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+            for opt in optimizers:
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+            step += 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{optimizers[0].param_groups[0]['lr']:.2e}",
+                            tok_s=f"{tokens_per_step / (time.perf_counter() - t0):,.0f}")
+    finally:
+        for s, h in handlers.items():
+            signal.signal(s, h)
+        bar.close()
+
+    if args.sample_tokens > 0:
+        print(f"sample: {sample(model, tokenizer, args.sample_tokens, device, args.seed)!r}")
+    if best_step is not None:
+        print(f"done: best val loss {best_val:.4f} (ppl {math.exp(best_val):.2f}) at step {best_step} in "
+              f"{out / 'best'}; {last} is step {step}; {elapsed / 60:.1f} min of training")
+    return 0
+
+
+def main(argv=None) -> int:
+    try:
+        args, device, info = parse_args(argv)
+        return train(args, device, info)
+    except (TrainError, DataError, CheckpointError, OSError) as e:  # OSError: e.g. an unwritable folder
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted; nothing saved", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
