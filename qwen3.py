@@ -24,7 +24,7 @@ Reference: Qwen Team, "Qwen3 Technical Report", 2025 (arXiv:2505.09388).
 
 import json
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch

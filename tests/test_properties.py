@@ -6,7 +6,6 @@ database, so a given pytest command tries the same examples on every run (and in
 import math
 from itertools import accumulate
 
-import pytest
 import torch
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
