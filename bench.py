@@ -1,0 +1,251 @@
+"""
+Side-by-side benchmark: our Qwen3 vs transformers' Qwen3ForCausalLM, same config, same weights,
+one process, one machine, alternating between the two so both see the same machine state.
+
+    python bench.py                      # CPU defaults: seed config, B=8 T=256, fp32
+    python bench.py --device cuda        # GPU defaults: B=24 T=512, bf16 autocast
+    python bench.py --device cuda --compile
+
+Prints a table of ratios (ours / theirs; above 1 means we are faster, or use less memory for the
+memory row) and writes the raw numbers as JSON (--json).
+"""
+
+import argparse
+import json
+import multiprocessing
+import os
+import platform
+import resource
+import statistics
+import time
+from contextlib import nullcontext
+from datetime import date
+
+import torch
+
+from qwen3 import Muon, Qwen3, Qwen3Config
+
+
+def parse_args():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="seed", help="model shape (a qwen3.PRESETS name)")
+    p.add_argument("--vocab-size", type=int, default=49152, help="vocabulary (the seed config uses SmolLM's 49152)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--batch-size", type=int, default=None, help="default 8 on CPU, 24 on GPU")
+    p.add_argument("--seq-len", type=int, default=None, help="default 256 on CPU, 512 on GPU")
+    p.add_argument("--decode-tokens", type=int, default=64, help="new tokens per batch-1 decoding run")
+    p.add_argument("--repeats", type=int, default=5, help="timed repetitions per measurement (median is kept)")
+    p.add_argument("--compile", action="store_true", help="torch.compile both models")
+    p.add_argument("--skip", default="", help="comma-separated measurements to skip: train,forward,decode,memory,muon")
+    p.add_argument("--json", default=None, help="write the results here as JSON")
+    p.add_argument("--seed", type=int, default=0)
+    return p.parse_args()
+
+
+def model_config(args) -> Qwen3Config:
+    return Qwen3Config.preset(args.preset, vocab_size=args.vocab_size,
+                              max_position_embeddings=max(args.seq_len, 2 * args.decode_tokens))
+
+
+def build(args):
+    """Both models from one config and one set of random weights."""
+    from transformers import Qwen3ForCausalLM
+    torch.manual_seed(args.seed)
+    cfg = model_config(args)
+    ours = Qwen3(cfg).to(args.device)
+    theirs = Qwen3ForCausalLM(cfg.to_hf()).to(args.device)  # transformers' default attention (sdpa)
+    theirs.load_state_dict(ours.state_dict())
+    if args.compile:
+        ours, theirs = torch.compile(ours), torch.compile(theirs)
+    return cfg, ours, theirs
+
+
+def sync(device):
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def timed(fns, args, warmup=2):
+    """Median seconds of each fn() over args.repeats rounds; the fns take turns within every round
+    so that both sides see the same machine (other load, clocks, caches) as closely as possible."""
+    for _ in range(warmup):
+        for fn in fns:
+            fn()
+    times = [[] for _ in fns]
+    for _ in range(args.repeats):
+        for fn, t in zip(fns, times):
+            sync(args.device)
+            t0 = time.perf_counter()
+            fn()
+            sync(args.device)
+            t.append(time.perf_counter() - t0)
+    return [statistics.median(t) for t in times]
+
+
+def autocast(args):
+    return torch.autocast("cuda", dtype=torch.bfloat16) if args.device.startswith("cuda") else nullcontext()
+
+
+def train_step_fn(model, opt, x, y, ours, args):
+    def step():
+        with autocast(args):
+            # transformers shifts labels itself: labels=x is the same next-token task as targets=y
+            loss = model(x, y)[1] if ours else model(input_ids=x, labels=x).loss
+        loss.backward()
+        for o in opt:
+            o.step()
+            o.zero_grad(set_to_none=True)
+    return step
+
+
+def forward_fn(model, x, ours, args):
+    @torch.no_grad()
+    def fwd():
+        with autocast(args):
+            model(x) if ours else model(input_ids=x)
+    return fwd
+
+
+def decode_fn(model, prompt, n, ours, args):
+    @torch.no_grad()
+    def dec():
+        with autocast(args):
+            if ours:
+                model.generate(prompt, n, temperature=0)
+            else:
+                model.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                               eos_token_id=None, pad_token_id=0)
+    return dec
+
+
+def adamw(model):
+    """The same optimizer on both sides (torch's fused AdamW), so the step ratio measures the models."""
+    return [torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, fused=True)]
+
+
+def muon_setup(model, muon_cls):
+    """Muon on the 2-D matrices inside the blocks, AdamW on the rest: the same split for both."""
+    hidden = [p for n, p in model.named_parameters() if p.ndim == 2 and ".layers." in n]
+    rest = [p for n, p in model.named_parameters() if not (p.ndim == 2 and ".layers." in n)]
+    kw = dict(adjust_lr_fn="original") if muon_cls is torch.optim.Muon else {}
+    return [muon_cls(hidden, lr=0.02, weight_decay=0.0, **kw), torch.optim.AdamW(rest, lr=1e-4, fused=True)]
+
+
+def matmul_peak_flops(args):
+    """Measured, not from a datasheet: the best a big square matmul reaches here."""
+    n = 4096 if args.device.startswith("cuda") else 1024
+    dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
+    a, b = (torch.randn(n, n, device=args.device, dtype=dtype) for _ in range(2))
+    best = min(timed([lambda: a @ b], args)[0] for _ in range(3))
+    return 2 * n ** 3 / best
+
+
+def train_flops_per_token(cfg, T):
+    """6 N per token for the matmul weights (forward 2N + backward 4N, lm_head included) plus the
+    attention scores and weighted sums: 6 * 2 * layers * heads * head_dim * T / 2 (causal half)."""
+    c = cfg
+    attn = c.hidden_size * (c.num_attention_heads + 2 * c.num_key_value_heads) * c.head_dim \
+        + c.num_attention_heads * c.head_dim * c.hidden_size
+    mlp = 3 * c.hidden_size * c.intermediate_size
+    n = c.num_hidden_layers * (attn + mlp) + c.vocab_size * c.hidden_size  # lm_head counts
+    return 6 * n + 6 * c.num_hidden_layers * c.num_attention_heads * c.head_dim * T
+
+
+def _peak_rss_child(args, ours, conn):
+    from transformers import Qwen3ForCausalLM
+    cfg = model_config(args)
+    model = Qwen3(cfg) if ours else Qwen3ForCausalLM(cfg.to_hf())  # only this model in this process
+    x = torch.randint(0, cfg.vocab_size, (args.batch_size, args.seq_len))
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    step = train_step_fn(model, adamw(model), x, torch.roll(x, -1, 1), ours, args)
+    step()
+    step()
+    conn.send((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024)
+
+
+def peak_memory(args, ours):
+    """Peak bytes that training steps add on top of the weights (activations, gradients, AdamW)."""
+    if args.device.startswith("cuda"):
+        _, m_ours, m_theirs = build(args)
+        model = m_ours if ours else m_theirs
+        del m_ours, m_theirs
+        x = torch.randint(0, model.config.vocab_size, (args.batch_size, args.seq_len), device=args.device)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        step = train_step_fn(model, adamw(model), x, torch.roll(x, -1, 1), ours, args)
+        step()
+        step()
+        return torch.cuda.max_memory_allocated() - base
+    # CPU: a fresh process per model, so the high-water mark of resident memory is its alone
+    ctx = multiprocessing.get_context("spawn")
+    parent, child = ctx.Pipe()
+    proc = ctx.Process(target=_peak_rss_child, args=(args, ours, child))
+    proc.start()
+    value = parent.recv()
+    proc.join()
+    return value
+
+
+def main():
+    args = parse_args()
+    gpu = args.device.startswith("cuda")
+    args.batch_size = args.batch_size or (24 if gpu else 8)
+    args.seq_len = args.seq_len or (512 if gpu else 256)
+    skip = set(filter(None, args.skip.split(",")))
+    cfg, ours, theirs = build(args)
+    import transformers
+    B, T = args.batch_size, args.seq_len
+    x = torch.randint(0, cfg.vocab_size, (B, T), device=args.device)
+    y = torch.roll(x, -1, dims=1)
+    res = {"date": str(date.today()), "device": torch.cuda.get_device_name() if gpu else platform.processor() or platform.machine(),
+           "threads": torch.get_num_threads(), "torch": torch.__version__, "transformers": transformers.__version__,
+           "preset": args.preset, "vocab_size": cfg.vocab_size, "batch_size": B, "seq_len": T,
+           "dtype": "bf16 autocast" if gpu else "fp32", "compile": args.compile, "results": {}}
+    rows = []
+
+    def record(name, unit, mine, peer, higher_is_better=True):
+        ratio = mine / peer if higher_is_better else peer / mine
+        res["results"][name] = {"ours": mine, "transformers": peer, "unit": unit, "ratio": ratio}
+        rows.append((name, unit, mine, peer, ratio))
+        print(f"{name:<28} {unit:<10} ours {mine:>12,.1f}   transformers {peer:>12,.1f}   ratio {ratio:5.2f}x", flush=True)
+
+    if "train" not in skip:
+        t_ours, t_theirs = timed([train_step_fn(ours, adamw(ours), x, y, True, args),
+                                  train_step_fn(theirs, adamw(theirs), x, y, False, args)], args)
+        record("train step (AdamW)", "tok/s", B * T / t_ours, B * T / t_theirs)
+        peak = matmul_peak_flops(args)
+        flops = train_flops_per_token(cfg, T) * B * T
+        res["matmul_peak_tflops"] = peak / 1e12
+        record("train MFU (AdamW)", "%", 100 * flops / t_ours / peak, 100 * flops / t_theirs / peak)
+    if "muon" not in skip:
+        t_ours_muon, t_theirs_muon = timed([train_step_fn(ours, muon_setup(ours, Muon), x, y, True, args),
+                                            train_step_fn(theirs, muon_setup(theirs, torch.optim.Muon), x, y, False, args)],
+                                           args)
+        record("train step (Muon)", "tok/s", B * T / t_ours_muon, B * T / t_theirs_muon)
+        if "train" not in skip:
+            res["muon_overhead_ours"] = t_ours_muon / t_ours - 1
+            res["muon_overhead_transformers_torch_muon"] = t_theirs_muon / t_theirs - 1
+            print(f"Muon's extra step time: ours {100 * res['muon_overhead_ours']:.1f}%, transformers + "
+                  f"torch.optim.Muon {100 * res['muon_overhead_transformers_torch_muon']:.1f}%")
+    if "forward" not in skip:
+        t_ours, t_theirs = timed([forward_fn(ours, x, True, args), forward_fn(theirs, x, False, args)], args)
+        record("forward", "tok/s", B * T / t_ours, B * T / t_theirs)
+    if "decode" not in skip:
+        prompt = x[:1, :16]
+        n = args.decode_tokens
+        t_ours, t_theirs = timed([decode_fn(ours, prompt, n, True, args), decode_fn(theirs, prompt, n, False, args)],
+                                 args, warmup=1)
+        record("decode, batch 1, greedy", "tok/s", n / t_ours, n / t_theirs)
+    if "memory" not in skip:
+        record("train step peak memory", "MiB", peak_memory(args, True) / 2**20, peak_memory(args, False) / 2**20,
+               higher_is_better=False)
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump(res, f, indent=2)
+    return res
+
+
+if __name__ == "__main__":
+    main()
