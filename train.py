@@ -5,17 +5,20 @@ Train a Qwen3 from scratch, and keep what it learns.
     python train.py --data smollm            # the upstream corpus from the hub; on a GPU: the seed config
     python train.py --resume                 # continue out/last after Ctrl-C, SIGTERM, a crash or --stop-at
     python train.py --help                   # every flag
+    torchrun --standalone --nproc_per_node=8 train.py ...   # data-parallel on 8 GPUs (or CPU processes)
 
 Read it top to bottom:
-    1. Flags          every hyperparameter, with device-dependent defaults
+    1. Flags          every hyperparameter, with device-dependent defaults; joining a torchrun job
     2. Checkpoints    Hugging Face model folders, written atomically; training state for --resume
     3. Evaluation     loss, perplexity and next-token accuracy on fixed windows of each split
     4. The loop       warmup + cosine schedule, gradient accumulation, clipping, bf16 on CUDA
 Where the tokens come from, and in which order they are read, is data.py's story.
 
-Data-parallel training (torchrun) is meant to slot in without changing the story: the data order
-is a pure function of the global sample number (so each rank can take its share), and only the
-functions in section 2 and `log_eval` write files (so only rank 0 would call them).
+Under torchrun the same loop runs in every process (a "rank") with PyTorch's
+DistributedDataParallel: the flags still fix the global batch, each rank reads its own share of
+the step's samples, gradients are averaged across ranks during the last backward pass of a step,
+and every rank then takes the same optimizer step, so all hold the same weights. Decisions
+(stop, NaN) are taken together; rank 0 alone prints and writes files.
 """
 
 import argparse
@@ -32,6 +35,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 from data import Batches, DataError, default_cache_dir, fixed_starts, prepare_data, windows
 from qwen3 import PRESETS, CheckpointError, Qwen3, Qwen3Config, configure_optimizers
@@ -77,7 +82,9 @@ def build_parser() -> ArgumentParser:
     p = ArgumentParser(description="Train a Qwen3 language model from scratch. Defaults marked 'device' "
                        "depend on the device: a small model on a CPU, the upstream seed config on a GPU.",
                        epilog="Ctrl-C or SIGTERM saves OUT/last and exits with 130 or 143 (128 + signal); "
-                       "--resume continues exactly where it stopped. Errors exit with 1 (2 for bad flags).",
+                       "--resume continues exactly where it stopped. Errors exit with 1 (2 for bad flags). "
+                       "Under torchrun (torchrun --nproc_per_node=N train.py ...) it trains data-parallel on N "
+                       "GPUs (NCCL) or CPU processes (gloo); the flags still fix the global batch.",
                        formatter_class=HelpFormatter)
     g = p.add_argument_group("data")
     g.add_argument("--data", default="auto", help="auto (the hub corpus if reachable, else embedded), smollm "
@@ -114,10 +121,11 @@ def build_parser() -> ArgumentParser:
                    "(default: device, 0 on CPU, 0.1 on GPU)")
 
     g = p.add_argument_group("training")
-    g.add_argument("--batch-size", type=positive_int, default=None, help="sequences per micro-batch (default: device)")
+    g.add_argument("--batch-size", type=positive_int, default=None, help="sequences per micro-batch, over all "
+                   "processes; under torchrun with --grad-accum 1 the processes share it (default: device)")
     g.add_argument("--seq-len", type=positive_int, default=None, help="tokens per sequence (default: device)")
     g.add_argument("--grad-accum", type=positive_int, default=1, help="micro-batches per optimizer step; "
-                   "their gradients are averaged")
+                   "their gradients are averaged. Under torchrun the processes share them when it is above 1")
     g.add_argument("--max-steps", type=positive_int, default=None, help="optimizer steps; the LR schedule ends "
                    "here. With --resume, a larger value stretches the remaining schedule (default: device)")
     g.add_argument("--optimizer", default="muon", help="muon (Muon for hidden matrices + AdamW) or adamw")
@@ -170,17 +178,60 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+# torchrun starts one process per GPU (or CPU worker) and tells each, in environment variables,
+# how many there are (WORLD_SIZE), which one it is (RANK) and which one on its machine (LOCAL_RANK).
+
+
+def init_distributed(device: torch.device) -> torch.device:
+    """Join the torchrun job, if this process is part of one: NCCL between GPUs, gloo between CPU
+    processes. Returns the device to train on (cuda:LOCAL_RANK for GPUs)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return device  # plain `python train.py` (or a one-process torchrun): nothing to join
+    if device.type == "cuda":
+        local_rank = int(os.environ["LOCAL_RANK"])
+        if local_rank >= torch.cuda.device_count():
+            raise TrainError(f"LOCAL_RANK {local_rank}, but only {torch.cuda.device_count()} GPU(s) are visible; "
+                             f"start at most that many processes per machine")
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+        dist.init_process_group("nccl", device_id=device)
+    elif device.type == "cpu":
+        dist.init_process_group("gloo")
+    else:
+        raise TrainError(f"data-parallel training runs on cuda or cpu, not {device.type}")
+    return device
+
+
+def rank_and_world() -> tuple[int, int]:
+    """(this process's rank, the number of processes): (0, 1) outside torchrun."""
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def all_ranks(values: list[float], device, op=dist.ReduceOp.SUM) -> list[float]:
+    """`values` reduced elementwise over all ranks (summed, or op); as they are in one process."""
+    if not dist.is_initialized():
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t, op)
+    return t.tolist()
+
+
 def parse_args(argv=None):
-    """Flags -> (args, the checkpoint's training_state.json when resuming, else None)."""
+    """Flags -> (args, device, the checkpoint's training_state.json when resuming, else None).
+    Under torchrun, also joins the job: the device depends on the rank."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    recover(Path(args.out_dir))
+    device = init_distributed(resolve_device(args.device))  # --device is a session flag: not from a checkpoint
+    rank, world = rank_and_world()
+    if rank == 0:
+        recover(Path(args.out_dir))
+    if world > 1:
+        dist.barrier()  # the others read last/ once rank 0 has made it whole
     info = None
     if args.resume:
         info = read_training_info(Path(args.out_dir) / "last")
         parser.set_defaults(**{k: v for k, v in info["args"].items() if k not in SESSION_FLAGS})
         args = parser.parse_args(argv)  # the checkpoint's flags, overridden by those given now
-    device = resolve_device(args.device)
     for k, v in DEVICE_DEFAULTS["cpu" if device.type == "cpu" else "gpu"].items():
         if getattr(args, k) is None:
             setattr(args, k, v)
@@ -192,6 +243,14 @@ def parse_args(argv=None):
         raise TrainError(f"unknown --optimizer {args.optimizer!r}; choose muon or adamw")
     if not 0 < args.val_frac < 1:
         raise TrainError(f"--val-frac must be between 0 and 1, got {args.val_frac}")
+    # The global batch stays what the flags say: the processes share the micro-batches of a step,
+    # or, without accumulation, the sequences of the one micro-batch.
+    if args.grad_accum > 1 and args.grad_accum % world:
+        raise TrainError(f"--grad-accum {args.grad_accum} does not split over {world} processes; "
+                         f"use a multiple of {world}")
+    if args.grad_accum == 1 and args.batch_size % world:
+        raise TrainError(f"--batch-size {args.batch_size} does not split over {world} processes (with "
+                         f"--grad-accum 1 they share each batch); use a multiple of {world}")
     return args, device, info
 
 
@@ -324,13 +383,15 @@ def check_out_dir(out: Path, config: Qwen3Config, resuming: bool, overwrite: boo
 # Both splits are scored on the same fixed windows every time, in eval mode (no dropout), so the
 # numbers are comparable across evaluations and the train/validation gap measures memorisation.
 # Perplexity is exp(validation loss); accuracy is the fraction of next tokens predicted by argmax.
+# Under torchrun each rank scores every world-th batch and the sums are added up across ranks.
 
 
 @torch.no_grad()
 def evaluate(model, tokens, starts, args, device, autocast) -> tuple[float, float]:
+    rank, world = rank_and_world()
     model.eval()
     loss_sum, correct, count = 0.0, 0, 0
-    for i in range(0, len(starts), args.batch_size):
+    for i in range(rank * args.batch_size, len(starts), world * args.batch_size):
         x, y = (torch.from_numpy(a).to(device) for a in windows(tokens, starts[i:i + args.batch_size], args.seq_len))
         with autocast:
             logits, loss = model(x, y)
@@ -338,6 +399,7 @@ def evaluate(model, tokens, starts, args, device, autocast) -> tuple[float, floa
         correct += (logits.argmax(-1) == y).sum().item()
         count += y.numel()
     model.train()
+    loss_sum, correct, count = all_ranks([loss_sum, correct, count], device)
     return loss_sum / count, correct / count
 
 
@@ -374,6 +436,13 @@ def sample(model, tokenizer, n: int, device, seed: int) -> str:
 # then every optimizer steps with the learning rate of this step. The schedule is a pure function
 # of the step: linear warmup over a fraction of the run (so even a 20-step run warms up and then
 # learns), then a cosine down to a floor at --max-steps.
+#
+# Under torchrun the step's samples are cut into one contiguous share per rank: its micro-batches
+# (or, without accumulation, its part of the one micro-batch). Each rank divides its losses by its
+# own micro-batch count; DDP averages the gradients over ranks, once, during the last backward of
+# the step (no_sync skips the others), so every rank ends up holding the single-process mean
+# gradient. Clipping then sees the global norm, and the optimizers take identical steps
+# (Muon splits its Newton-Schulz work across ranks, see qwen3.py).
 
 
 def lr_multiplier(step: int, max_steps: int, warmup_frac: float, min_lr_frac: float) -> float:
@@ -385,18 +454,31 @@ def lr_multiplier(step: int, max_steps: int, warmup_frac: float, min_lr_frac: fl
 
 
 def train(args, device: torch.device, info: dict | None) -> int:
+    rank, world = rank_and_world()
+    say = print if rank == 0 else lambda *a, **k: None  # rank 0 alone speaks
     out = Path(args.out_dir)
     last = out / "last"
     check_out_dir(out, model_config(args), resuming=info is not None, overwrite=args.overwrite)
     if info is not None and info["step"] >= args.max_steps:
-        print(f"{last} is at step {info['step']}, which already reaches --max-steps {args.max_steps}; "
-              f"nothing to do (pass a larger --max-steps to train further)")
+        say(f"{last} is at step {info['step']}, which already reaches --max-steps {args.max_steps}; "
+            f"nothing to do (pass a larger --max-steps to train further)")
         return 0
 
-    # data and model
+    # data and model. Under torchrun the first process on each machine fills the cache (trains the
+    # tokenizer, tokenises) while the others wait; then they read it.
+    local_rank = int(os.environ.get("LOCAL_RANK", "0")) if world > 1 else 0
+    if local_rank > 0:
+        dist.barrier()
     data = prepare_data(args.data, str(last) if info else args.tokenizer, vocab_size=args.vocab_size,
                         max_docs=args.max_docs, max_tokens=args.max_tokens, val_frac=args.val_frac,
-                        split_seed=args.split_seed, text_field=args.text_field, cache_dir=args.cache_dir)
+                        split_seed=args.split_seed, text_field=args.text_field, cache_dir=args.cache_dir,
+                        log=say)
+    if local_rank == 0 and world > 1:
+        dist.barrier()
+    sizes = [len(data.train), len(data.val), len(data.tokenizer)]
+    if all_ranks(sizes, device, dist.ReduceOp.MAX) != all_ranks(sizes, device, dist.ReduceOp.MIN):
+        raise TrainError("the processes read different data (--data auto may have resolved differently, or the "
+                         "machines' files differ); give every machine the same files and name them with --data")
     args.data = data.spec  # "auto" resolved: --resume must read the same data
     tokenizer, meta = data.tokenizer, data.meta
     batches = Batches(data.train, args.seq_len, args.seed)
@@ -405,7 +487,7 @@ def train(args, device: torch.device, info: dict | None) -> int:
                          f"{len(data.val)} validation tokens, need at least {2 * args.seq_len} and "
                          f"{args.seq_len + 1}; use more data or a shorter --seq-len")
     if info is not None and info.get("data_key") != data.key:
-        print("warning: the data differ from the checkpoint's; resuming on the new data", file=sys.stderr)
+        say("warning: the data differ from the checkpoint's; resuming on the new data", file=sys.stderr)
     eval_count = args.eval_batches * args.batch_size
     train_eval = fixed_starts(data.train, args.seq_len, eval_count)
     val_eval = fixed_starts(data.val, args.seq_len, eval_count)
@@ -434,57 +516,71 @@ def train(args, device: torch.device, info: dict | None) -> int:
             raise TrainError(f"{last / 'training_state.pt'} does not fit this run (was --optimizer changed?): "
                              f"{' '.join(str(e).split())[:200]}") from None
         step, best_val, best_step, elapsed = info["step"], info["best_val_loss"], info["best_step"], info["elapsed_s"]
-    elif args.overwrite:
+    elif args.overwrite and rank == 0:
         for name in ("best", "last"):
             shutil.rmtree(out / name, ignore_errors=True)
-    out.mkdir(parents=True, exist_ok=True)
-    metrics = out / "metrics.jsonl"
-    kept = [r for r in read_metrics(metrics) if r["step"] <= step] if info is not None else []
-    metrics.write_text("".join(json.dumps(r) + "\n" for r in kept))  # a resumed log goes on from its step
+    if rank > 0:  # dropout: other ranks draw masks of their own (rank 0 keeps the checkpointed stream)
+        torch.manual_seed(int(np.random.SeedSequence([args.seed, rank, step]).generate_state(1)[0]))
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        metrics = out / "metrics.jsonl"
+        kept = [r for r in read_metrics(metrics) if r["step"] <= step] if info is not None else []
+        metrics.write_text("".join(json.dumps(r) + "\n" for r in kept))  # a resumed log goes on from its step
 
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     autocast = torch.autocast(device.type, torch.bfloat16) if args.dtype == "bfloat16" else nullcontext()
     net = torch.compile(model) if args.compile else model  # what runs forward passes
+    # Training passes go through DDP, which averages gradients across ranks in backward (and first
+    # copies rank 0's weights to all); evaluation runs the model itself, no gradients to sync.
+    train_net = DDP(net, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else net
+    if args.grad_accum == 1:  # this rank's share of each step: a part of the one micro-batch ...
+        batch, accum = args.batch_size // world, 1
+    else:  # ... or some of the micro-batches
+        batch, accum = args.batch_size, args.grad_accum // world
     tokens_per_step = args.batch_size * args.seq_len * args.grad_accum
     schedule = (args.max_steps, args.warmup_frac, args.min_lr_frac)
 
-    print(f"data: {meta['source']}: {meta['train_tokens']:,} training tokens ({meta['train_docs']} documents), "
-          f"{meta['val_tokens']:,} validation tokens ({meta['val_docs']} documents), tokenizer vocab {len(tokenizer)}")
-    print("model: " + json.dumps({k: getattr(config, k) for k in ("vocab_size", *SHAPE_FLAGS, "dropout",
-                                                                  "max_position_embeddings")})
-          + f", {model.num_params() / 1e6:.2f}M parameters")
+    say(f"data: {meta['source']}: {meta['train_tokens']:,} training tokens ({meta['train_docs']} documents), "
+        f"{meta['val_tokens']:,} validation tokens ({meta['val_docs']} documents), tokenizer vocab {len(tokenizer)}")
+    say("model: " + json.dumps({k: getattr(config, k) for k in ("vocab_size", *SHAPE_FLAGS, "dropout",
+                                                                "max_position_embeddings")})
+        + f", {model.num_params() / 1e6:.2f}M parameters")
     epoch_steps = batches.windows_per_epoch * args.seq_len / tokens_per_step
     lrs = f"lr {args.lr:g}" + (f", muon lr {args.muon_lr:g}" if args.optimizer == "muon" else "")
-    print(f"training: {args.max_steps} steps of {tokens_per_step:,} tokens (batch {args.batch_size} x seq "
-          f"{args.seq_len} x accum {args.grad_accum}), one epoch = {epoch_steps:.0f} steps; {args.optimizer} "
-          f"({lrs}), device {device.type}, {args.dtype}" + (", compiled" if args.compile else "")
-          + (f"; resuming at step {step}" if info else ""))
+    ranks = f" x {world} processes (each batch {batch} x accum {accum})" if world > 1 else ""
+    say(f"training: {args.max_steps} steps of {tokens_per_step:,} tokens (batch {args.batch_size} x seq "
+        f"{args.seq_len} x accum {args.grad_accum}), one epoch = {epoch_steps:.0f} steps; {args.optimizer} "
+        f"({lrs}), device {device.type}{ranks}, {args.dtype}" + (", compiled" if args.compile else "")
+        + (f"; resuming at step {step}" if info else ""))
 
     def run_info():
         return dict(step=step, max_steps=args.max_steps, samples_seen=step * args.batch_size * args.grad_accum,
                     best_val_loss=best_val, best_step=best_step, elapsed_s=elapsed, data_key=data.key,
                     args={k: v for k, v in vars(args).items() if k not in SESSION_FLAGS})
 
-    def save_last():
-        state = dict(optimizers=[o.state_dict() for o in optimizers], rng_cpu=torch.get_rng_state())
-        if device.type == "cuda":
-            state["rng_cuda"] = torch.cuda.get_rng_state(device)
-        save_checkpoint(out, "last", model, tokenizer, state, run_info())
+    def save_last():  # every rank holds the same weights and optimizer states: rank 0's are the run's
+        if rank == 0:
+            state = dict(optimizers=[o.state_dict() for o in optimizers], rng_cpu=torch.get_rng_state())
+            if device.type == "cuda":
+                state["rng_cuda"] = torch.cuda.get_rng_state(device)
+            save_checkpoint(out, "last", model, tokenizer, state, run_info())
 
-    # Ctrl-C and SIGTERM (sent by `kill`, schedulers, shutdowns) ask the loop to save last/ and stop
-    # at the end of the current step; a second one stops at once (the previous last/ survives).
+    # Ctrl-C and SIGTERM (sent by `kill`, schedulers, shutdowns; torchrun passes them on to every
+    # rank) ask the loop to save last/ and stop at the end of the current step; a second one stops
+    # at once (the previous last/ survives). Ranks agree on the stop step: any rank's request counts.
     stop = []
 
     def request_stop(signum, frame):
         if stop:
             raise KeyboardInterrupt
         stop.append(signum)
-        bar.write(f"{signal.Signals(signum).name}: saving {last} at the end of this step "
-                  f"(again to quit without saving)")
+        write(f"{signal.Signals(signum).name}: saving {last} at the end of this step (again to quit without saving)")
 
     from tqdm import tqdm
-    bar = tqdm(total=args.max_steps, initial=step, disable=None, dynamic_ncols=True, unit="step")
+    bar = tqdm(total=args.max_steps, initial=step, disable=None if rank == 0 else True, dynamic_ncols=True,
+               unit="step")
+    write = bar.write if rank == 0 else lambda s: None
     handlers = {s: signal.signal(s, request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
     start_time, start_elapsed = time.perf_counter(), elapsed
     saved_at = step if info is not None else None  # the step last/ holds; a resumed one was evaluated too
@@ -497,25 +593,28 @@ def train(args, device: torch.device, info: dict | None) -> int:
                 if evaluating:
                     train_loss, _ = evaluate(net, data.train, train_eval, args, device, autocast)
                     val_loss, val_acc = evaluate(net, data.val, val_eval, args, device, autocast)
-                    log_eval(out, dict(step=step, epoch=batches.epochs(step * args.batch_size * args.grad_accum),
-                                       tokens=step * tokens_per_step, train_loss=train_loss, val_loss=val_loss,
-                                       val_ppl=math.exp(val_loss), val_acc=val_acc,
-                                       lr=optimizers[0].param_groups[0]["base_lr"] * lr_multiplier(step, *schedule),
-                                       elapsed_s=elapsed), bar.write)
+                    if rank == 0:
+                        log_eval(out, dict(step=step, epoch=batches.epochs(step * args.batch_size * args.grad_accum),
+                                           tokens=step * tokens_per_step, train_loss=train_loss, val_loss=val_loss,
+                                           val_ppl=math.exp(val_loss), val_acc=val_acc,
+                                           lr=optimizers[0].param_groups[0]["base_lr"] * lr_multiplier(step, *schedule),
+                                           elapsed_s=elapsed), bar.write)
                     if step > 0 and (best_val is None or val_loss < best_val):
                         best_val, best_step = val_loss, step
-                        save_checkpoint(out, "best", model, tokenizer)
+                        if rank == 0:
+                            save_checkpoint(out, "best", model, tokenizer)
                 if step > 0 and (evaluating or (args.save_every and step % args.save_every == 0)):
                     save_last()
                     saved_at = step
             if step == args.max_steps:
                 break
-            if stop or step == args.stop_at:
+            signum = int(all_ranks([stop[0] if stop else 0], device, dist.ReduceOp.MAX)[0])  # any rank's
+            if signum or step == args.stop_at:
                 if saved_at != step:
                     save_last()
-                why = signal.Signals(stop[0]).name if stop else f"--stop-at {args.stop_at}"
-                bar.write(f"stopped at step {step} ({why}); {last} saved, continue with --resume")
-                return 128 + stop[0] if stop else 0
+                why = signal.Signals(signum).name if signum else f"--stop-at {args.stop_at}"
+                write(f"stopped at step {step} ({why}); {last} saved, continue with --resume")
+                return 128 + signum if signum else 0
 
             # one optimizer step
             t0 = time.perf_counter()
@@ -523,16 +622,18 @@ def train(args, device: torch.device, info: dict | None) -> int:
                 for group in opt.param_groups:
                     group["lr"] = group["base_lr"] * lr_multiplier(step, *schedule)
             loss_sum = 0.0
-            for micro in range(args.grad_accum):
-                first = (step * args.grad_accum + micro) * args.batch_size  # global sample number
-                x, y = windows(data.train, batches.starts(np.arange(first, first + args.batch_size)), args.seq_len)
+            for micro in range(accum):
+                first = (step * args.grad_accum * args.batch_size  # global sample number: the step's first,
+                         + rank * accum * batch + micro * batch)  # then this rank's share, then this micro-batch
+                x, y = windows(data.train, batches.starts(np.arange(first, first + batch)), args.seq_len)
                 x, y = (torch.from_numpy(a).to(device, non_blocking=True) for a in (x, y))
-                with autocast:
-                    _, loss = net(x, y)
-                (loss / args.grad_accum).backward()
+                with train_net.no_sync() if world > 1 and micro < accum - 1 else nullcontext():  # sync once
+                    with autocast:
+                        _, loss = train_net(x, y)
+                    (loss / accum).backward()
                 loss_sum += loss.detach()
-            loss_value = (loss_sum / args.grad_accum).item()
-            if not math.isfinite(loss_value):
+            loss_value = all_ranks([(loss_sum / accum).item()], device)[0] / world  # the global batch's mean
+            if not math.isfinite(loss_value):  # the same value on every rank: all stop here together
                 kept = f"{last} (step {saved_at})" if saved_at is not None else "none, nothing was saved yet"
                 raise TrainError(f"loss is {loss_value} at step {step + 1}; stopped. Last good checkpoint: {kept}")
             if args.grad_clip > 0:
@@ -549,11 +650,11 @@ def train(args, device: torch.device, info: dict | None) -> int:
             signal.signal(s, h)
         bar.close()
 
-    if args.sample_tokens > 0:
+    if args.sample_tokens > 0 and rank == 0:
         print(f"sample: {sample(model, tokenizer, args.sample_tokens, device, args.seed)!r}")
     if best_step is not None:
-        print(f"done: best val loss {best_val:.4f} (ppl {math.exp(best_val):.2f}) at step {best_step} in "
-              f"{out / 'best'}; {last} is step {step}; {elapsed / 60:.1f} min of training")
+        say(f"done: best val loss {best_val:.4f} (ppl {math.exp(best_val):.2f}) at step {best_step} in "
+            f"{out / 'best'}; {last} is step {step}; {elapsed / 60:.1f} min of training")
     return 0
 
 
@@ -562,11 +663,14 @@ def main(argv=None) -> int:
         args, device, info = parse_args(argv)
         return train(args, device, info)
     except (TrainError, DataError, CheckpointError, OSError) as e:  # OSError: e.g. an unwritable folder
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {e}", file=sys.stderr)  # on every rank: some errors are one rank's alone
         return 1
     except KeyboardInterrupt:
         print("interrupted; nothing saved", file=sys.stderr)
         return 130
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":
