@@ -90,7 +90,7 @@ def train_step_fn(model, opt, x, y, ours, args):
     def step():
         with autocast(args):
             # transformers shifts labels itself: labels=x is the same next-token task as targets=y
-            loss = model(x, y)[1] if ours else model(input_ids=x, labels=x).loss
+            loss = model(x, y, return_logits=False)[1] if ours else model(input_ids=x, labels=x).loss
         loss.backward()
         for o in opt:
             o.step()

@@ -10,6 +10,7 @@ comes from, and the sections build on each other:
     4. Attention               grouped-query attention with QK-norm and an optional sliding window
     5. SwiGLU MLP              the feed-forward half of a block
     6. The model               blocks stacked into Qwen3, logits and loss
+   6b. Linear + cross-entropy  the loss without the logits, chunk by chunk
     7. KV cache                incremental decoding without recomputing the past
     8. Sampling                temperature, top-k, top-p, generate
     9. Checkpoints             Hugging Face format in and out (safetensors + config.json)
@@ -362,9 +363,14 @@ class Qwen3(nn.Module):
                 if getattr(module, "bias", None) is not None:
                     nn.init.zeros_(module.bias)
 
-    def forward(self, input_ids, targets=None, cache=None):
-        """input_ids (B, T) -> logits (B, T, vocab); targets (B, T) are the next tokens, -100 to skip."""
-        logits = self.lm_head(self.model(input_ids, cache))
+    def forward(self, input_ids, targets=None, cache=None, return_logits=True):
+        """input_ids (B, T) -> logits (B, T, vocab); targets (B, T) are the next tokens, -100 to skip.
+        With targets and return_logits=False, returns (None, loss) without ever holding the logits
+        (section 6b): the same loss and gradients, in less time and memory."""
+        h = self.model(input_ids, cache)  # (B, T, hidden)
+        if targets is not None and not return_logits:
+            return None, linear_cross_entropy(h.flatten(0, 1), self.lm_head.weight, targets.flatten())
+        logits = self.lm_head(h)
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
@@ -376,6 +382,74 @@ class Qwen3(nn.Module):
 
     # generate(), stream(), from_pretrained() and save_pretrained() are attached below, in the
     # sections that explain them.
+
+
+# %% 6b. Fused linear + cross-entropy
+# In training the logits are only a stepping stone to the loss, yet at B*T rows by vocab columns in
+# fp32 they are the largest tensor of the step (400 MB for the seed model at B=8, T=256), and
+# softmax, its backward and their gradients stream through that many bytes again and again.
+# Instead, take the rows of h a chunk at a time: logits, loss and at once the loss's gradient,
+# dlogits = (softmax - onehot) / n_kept, folded into grad_h = dlogits W and grad_W += dlogits^T h
+# before the next chunk. Backward only scales the two saved gradients. On a CPU this makes a seed
+# training step ~1.25x faster and halves its peak memory. The idea of Liger Kernel's fused linear
+# cross-entropy (Hsu et al. 2024, arXiv:2410.10989) and of Cut Cross-Entropy (Wijmans et al. 2024,
+# "Cut Your Losses in Large-Vocabulary Language Models"). The loss and gradients are those of
+# F.cross_entropy(h @ W^T, targets, ignore_index=-100), up to rounding.
+
+
+class LinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h, weight, targets, chunk_size, with_grad):
+        # h (N, H), weight (vocab, H), targets (N,). The matmuls run where lm_head would (the
+        # autocast dtype if autocast is on), the softmax in fp32.
+        device = h.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else h.dtype
+        need_h, need_w = with_grad and ctx.needs_input_grad[0], with_grad and ctx.needs_input_grad[1]
+        with torch.autocast(device, enabled=False):
+            w = weight.to(dtype)
+            kept = targets != -100
+            n_kept = kept.sum()
+            row_scale = kept / n_kept.clamp(min=1)  # dloss/dnll of each row: 1/n_kept, 0 if ignored
+            targets = torch.where(kept, targets, 0)  # any valid index for ignored rows: their scale is 0
+            grad_h = torch.empty_like(h) if need_h else None
+            grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_w else None  # fp32 sum over chunks
+            nll_sum = torch.zeros((), dtype=torch.float32, device=h.device)
+            for start in range(0, h.size(0), chunk_size):
+                rows = slice(start, start + chunk_size)
+                t, scale = targets[rows, None], row_scale[rows, None]  # (chunk, 1) each
+                logits = (h[rows].to(dtype) @ w.T).float()  # (chunk, vocab), fp32
+                probs = logits.softmax(dim=-1)
+                # -log p_t = logsumexp - logit_t, and logsumexp = max logit - log p_max: exact even
+                # where p_t underflows to 0, as p_max >= 1/vocab cannot (and cheaper than log_softmax)
+                nll = logits.amax(-1, keepdim=True) - probs.amax(-1, keepdim=True).log() - logits.gather(1, t)
+                nll_sum += torch.where(kept[rows, None], nll, 0.0).sum()
+                if not (need_h or need_w):
+                    continue
+                # dloss/dlogits = scale * (probs - onehot); the scale goes on the narrow (chunk, H)
+                # factors, not on this wide tensor: one pass over it fewer
+                dlogits = probs.scatter_add_(1, t, torch.full_like(scale, -1.0)).to(dtype)
+                if need_h:
+                    grad_h[rows] = (dlogits @ w).float() * scale
+                if need_w and dtype == torch.float32:
+                    grad_w.addmm_(dlogits.mT, h[rows] * scale)  # in place: no (vocab, H) temporary
+                elif need_w:
+                    grad_w += dlogits.mT @ (h[rows].float() * scale).to(dtype)
+        ctx.save_for_backward(grad_h, grad_w.to(weight.dtype) if need_w else None)
+        return nll_sum / n_kept  # nan if every target is ignored, as in torch
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_h, grad_w = ctx.saved_tensors
+        return (grad_h * grad_loss if grad_h is not None else None,
+                grad_w * grad_loss if grad_w is not None else None, None, None, None)
+
+
+def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                         chunk_size: int = 256) -> torch.Tensor:
+    """F.cross_entropy(h @ weight.T, targets, ignore_index=-100) for h (N, H), weight (vocab, H) and
+    targets (N,), holding chunk_size rows of logits at a time. 256 was the fastest on a 2-core CPU
+    with the seed model (smaller chunks re-read W too often, larger ones gain little and take more memory)."""
+    return LinearCrossEntropy.apply(h, weight, targets, chunk_size, torch.is_grad_enabled())
 
 
 # %% 7. KV cache

@@ -629,7 +629,7 @@ def train(args, device: torch.device, info: dict | None) -> int:
                 x, y = (torch.from_numpy(a).to(device, non_blocking=True) for a in (x, y))
                 with train_net.no_sync() if world > 1 and micro < accum - 1 else nullcontext():  # sync once
                     with autocast:
-                        _, loss = train_net(x, y)
+                        _, loss = train_net(x, y, return_logits=False)  # the loss without full logits (qwen3 6b)
                     (loss / accum).backward()
                 loss_sum += loss.detach()
             loss_value = all_ranks([(loss_sum / accum).item()], device)[0] / world  # the global batch's mean
