@@ -9,10 +9,12 @@ Train a Qwen3 from scratch, and keep what it learns.
 
 Read it top to bottom:
     1. Flags          every hyperparameter, with device-dependent defaults; joining a torchrun job
-    2. Checkpoints    Hugging Face model folders, written atomically; training state for --resume
-    3. Evaluation     loss, perplexity and next-token accuracy on fixed windows of each split
-    4. The loop       warmup + cosine schedule, gradient accumulation, clipping, bf16 on CUDA
-Where the tokens come from, and in which order they are read, is data.py's story.
+    2. A run          its fixed parts (data, model, optimizers) and its state, saved for --resume
+    3. Evaluation     loss, perplexity and next-token accuracy on fixed windows of each split; best/, last/
+    4. Stopping       Ctrl-C and SIGTERM: save last/ at the end of the step
+    5. The loop       warmup + cosine schedule, gradient accumulation, clipping, bf16 on CUDA
+Where the tokens come from, and in which order they are read, is data.py's story; how a checkpoint
+survives a crash is checkpoint.py's.
 
 Under torchrun the same loop runs in every process (a "rank") with PyTorch's
 DistributedDataParallel: the flags still fix the global batch, each rank reads its own share of
@@ -22,7 +24,6 @@ and every rank then takes the same optimizer step, so all hold the same weights.
 """
 
 import argparse
-import hashlib
 import json
 import math
 import os
@@ -31,14 +32,17 @@ import signal
 import sys
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
 
-from data import Batches, DataError, default_cache_dir, fixed_starts, prepare_data, windows
+from checkpoint import load_training_state, read_training_info, recover, save_checkpoint
+from data import Batches, DataError, TokenData, default_cache_dir, fixed_starts, prepare_data, windows
 from qwen3 import PRESETS, CheckpointError, Qwen3, Qwen3Config, configure_optimizers
 
 # %% 1. Flags
@@ -207,6 +211,12 @@ def rank_and_world() -> tuple[int, int]:
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
 
+def say(*args, **kwargs):
+    """print, on rank 0 alone: one voice for the whole job."""
+    if rank_and_world()[0] == 0:
+        print(*args, **kwargs)
+
+
 def all_ranks(values: list[float], device, op=dist.ReduceOp.SUM) -> list[float]:
     """`values` reduced elementwise over all ranks (summed, or op); as they are in one process."""
     if not dist.is_initialized():
@@ -266,97 +276,13 @@ def model_config(args, tokenizer=None) -> Qwen3Config:
         raise TrainError(str(e)) from None
 
 
-# %% 2. Checkpoints
-# OUT/best/ (lowest validation loss so far) and OUT/last/ (the newest state) are Hugging Face model
-# folders: config.json, model.safetensors, the tokenizer. transformers' AutoModelForCausalLM and
-# AutoTokenizer load them as they are. last/ also holds what --resume needs: the optimizer states
-# and RNG states in training_state.pt (tensors only, read back with weights_only=True, so loading
-# it cannot run code) and the step, schedule and flags in training_state.json, which also records
-# the .pt file's SHA-256: a file that does not match is refused before it is even opened.
-#
-# A save never touches the previous checkpoint until the new one is complete: it writes .NAME.tmp/,
-# flushes it to disk, renames NAME/ to .NAME.old/, renames .NAME.tmp/ to NAME/, then deletes the
-# old one. A crash at any moment leaves a complete checkpoint under one of those names, and
-# `recover` (run at start) puts the newest one back in place.
-
-
-def recover(out: Path):
-    """Finish or undo a save that a crash interrupted."""
-    for name in ("best", "last"):
-        final, tmp, old = out / name, out / f".{name}.tmp", out / f".{name}.old"
-        if not final.exists() and old.exists():
-            os.rename(tmp if tmp.exists() else old, final)  # tmp is complete once old exists
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def fsync_dir(path: Path):
-    if os.name == "posix":  # a rename is durable only once its directory is flushed
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def save_checkpoint(out: Path, name: str, model: Qwen3, tokenizer, state: dict | None = None, info: dict | None = None):
-    final, tmp, old = out / name, out / f".{name}.tmp", out / f".{name}.old"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        if state is not None:
-            torch.save(state, tmp / "training_state.pt")
-            info = {**info, "training_state_sha256": sha256(tmp / "training_state.pt")}
-            (tmp / "training_state.json").write_text(json.dumps(info, indent=2) + "\n")
-        for f in tmp.iterdir():
-            with open(f, "ab") as fh:  # "ab": a writable handle that changes nothing
-                os.fsync(fh.fileno())
-        fsync_dir(tmp)
-        if final.exists():
-            os.rename(final, old)
-        os.rename(tmp, final)
-        fsync_dir(out)
-    except Exception as e:  # disk full, permissions, ...: whatever it is, the old checkpoint stays
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old.exists() and not final.exists():
-            os.rename(old, final)
-        reason = " ".join(str(e).split()) or type(e).__name__
-        raise TrainError(f"saving {final} failed ({reason}); the previous checkpoint is intact") from None
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def read_training_info(last: Path) -> dict:
-    path = last / "training_state.json"
-    if not path.is_file():
-        raise TrainError(f"--resume: no checkpoint to resume from ({path} not found)")
-    try:
-        info = json.loads(path.read_text())
-    except ValueError as e:
-        raise TrainError(f"{path} is not valid JSON ({e})") from None
-    required = {"step", "args", "best_val_loss", "best_step", "elapsed_s", "training_state_sha256"}
-    if not isinstance(info, dict) or not required <= info.keys():
-        raise TrainError(f"{path} lacks {', '.join(sorted(required - set(info or ())))}")
-    return info
-
-
-def load_training_state(last: Path, info: dict) -> dict:
-    path = last / "training_state.pt"
-    if not path.is_file() or sha256(path) != info.get("training_state_sha256"):
-        raise TrainError(f"{path} is missing or does not match the checksum in training_state.json "
-                         f"(corrupt or tampered); refusing to load it")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)  # tensors and plain containers only
-    except Exception as e:
-        raise TrainError(f"{path} could not be loaded safely ({' '.join(str(e).split())[:200]})") from None
+# %% 2. A run
+# A run is made of fixed parts, set up once per session from the flags (the data, the model, its
+# optimizers, how each rank shares a step), and of a small state that changes as it trains (the
+# step, the best score, the time spent). last/ holds both: the flags and the state in
+# training_state.json, the optimizer moments and RNG streams in training_state.pt (see
+# checkpoint.py for how it is written safely), so --resume rebuilds the fixed parts from the flags
+# and puts the state back, and the run continues as if it had never stopped.
 
 
 def check_out_dir(out: Path, config: Qwen3Config, resuming: bool, overwrite: bool):
@@ -379,11 +305,179 @@ def check_out_dir(out: Path, config: Qwen3Config, resuming: bool, overwrite: boo
                          f"or --overwrite to start again")
 
 
+@dataclass
+class RunState:
+    """How far the run has got: saved in last/training_state.json, restored by --resume."""
+    step: int = 0  # optimizer steps taken
+    best_val_loss: float | None = None  # the lowest validation loss so far, at best_step: what best/ holds
+    best_step: int | None = None
+    elapsed_s: float = 0.0  # training time, over all sessions
+    saved_at: int | None = None  # the step last/ holds (not saved: a resumed run's is its step)
+
+
+@dataclass
+class Run:
+    """The fixed parts of a run, made by setup()."""
+    args: argparse.Namespace
+    device: torch.device
+    rank: int  # this process, of `world` (0 of 1 outside torchrun)
+    world: int
+    data: TokenData
+    batches: Batches  # the training order
+    train_eval: np.ndarray  # the fixed windows each evaluation scores
+    val_eval: np.ndarray
+    model: Qwen3
+    net: torch.nn.Module  # what runs forward passes: the model, compiled with --compile ...
+    train_net: torch.nn.Module  # ... and for training, under torchrun, wrapped in DDP
+    optimizers: list
+    autocast: object
+    batch: int  # this rank's share of a step: `accum` micro-batches of `batch` sequences
+    accum: int
+
+    @property
+    def out(self) -> Path:
+        return Path(self.args.out_dir)
+
+    @property
+    def last(self) -> Path:
+        return self.out / "last"
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.args.batch_size * self.args.seq_len * self.args.grad_accum
+
+    @property
+    def schedule(self) -> tuple:  # lr_multiplier's arguments after the step
+        return self.args.max_steps, self.args.warmup_frac, self.args.min_lr_frac
+
+
+def setup(args, device: torch.device, info: dict | None) -> Run:
+    """The data, the model (last/'s weights with --resume), its optimizers, and the share of each
+    step this rank trains on."""
+    rank, world = rank_and_world()
+    last = Path(args.out_dir) / "last"
+    # Under torchrun the first process on each machine fills the cache (trains the tokenizer,
+    # tokenises) while the others wait; then they read it.
+    local_rank = int(os.environ.get("LOCAL_RANK", "0")) if world > 1 else 0
+    if local_rank > 0:
+        dist.barrier()
+    data = prepare_data(args.data, str(last) if info else args.tokenizer, vocab_size=args.vocab_size,
+                        max_docs=args.max_docs, max_tokens=args.max_tokens, val_frac=args.val_frac,
+                        split_seed=args.split_seed, text_field=args.text_field, cache_dir=args.cache_dir,
+                        log=say)
+    if local_rank == 0 and world > 1:
+        dist.barrier()
+    sizes = [len(data.train), len(data.val), len(data.tokenizer)]
+    if all_ranks(sizes, device, dist.ReduceOp.MAX) != all_ranks(sizes, device, dist.ReduceOp.MIN):
+        raise TrainError("the processes read different data (--data auto may have resolved differently, or the "
+                         "machines' files differ); give every machine the same files and name them with --data")
+    args.data = data.spec  # "auto" resolved: --resume must read the same data
+    batches = Batches(data.train, args.seq_len, args.seed)
+    if batches.windows_per_epoch < 1 or len(data.val) < args.seq_len + 1:
+        raise TrainError(f"corpus too small for --seq-len {args.seq_len}: {len(data.train)} training and "
+                         f"{len(data.val)} validation tokens, need at least {2 * args.seq_len} and "
+                         f"{args.seq_len + 1}; use more data or a shorter --seq-len")
+    if info is not None and info.get("data_key") != data.key:
+        say("warning: the data differ from the checkpoint's; resuming on the new data", file=sys.stderr)
+    eval_count = args.eval_batches * args.batch_size
+    train_eval = fixed_starts(data.train, args.seq_len, eval_count)
+    val_eval = fixed_starts(data.val, args.seq_len, eval_count)
+
+    torch.manual_seed(args.seed)
+    model = Qwen3(model_config(args, data.tokenizer))
+    if info is not None:
+        model.load_state_dict(Qwen3.from_pretrained(last).state_dict())
+    model.to(device)
+    optimizers = configure_optimizers(model, args.optimizer, lr=args.lr, muon_lr=args.muon_lr,
+                                      weight_decay=args.weight_decay, betas=tuple(args.betas), eps=args.adam_eps)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    net = torch.compile(model) if args.compile else model
+    # Training passes go through DDP, which averages gradients across ranks in backward (and first
+    # copies rank 0's weights to all); evaluation runs the model itself, no gradients to sync.
+    train_net = DDP(net, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else net
+    if args.grad_accum == 1:  # this rank's share of each step: a part of the one micro-batch ...
+        batch, accum = args.batch_size // world, 1
+    else:  # ... or some of the micro-batches
+        batch, accum = args.batch_size, args.grad_accum // world
+    autocast = torch.autocast(device.type, torch.bfloat16) if args.dtype == "bfloat16" else nullcontext()
+    return Run(args=args, device=device, rank=rank, world=world, data=data, batches=batches, train_eval=train_eval,
+               val_eval=val_eval, model=model, net=net, train_net=train_net, optimizers=optimizers,
+               autocast=autocast, batch=batch, accum=accum)
+
+
+def resume(run: Run, info: dict) -> RunState:
+    """Put last/'s optimizer moments and RNG streams back into the run; its state from `info`."""
+    state = load_training_state(run.last, info)
+    try:
+        for opt, opt_state in zip(run.optimizers, state["optimizers"], strict=True):
+            flags = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
+            opt.load_state_dict(opt_state)  # moments from the checkpoint ...
+            for group, hyper in zip(opt.param_groups, flags, strict=True):
+                group.update(hyper)  # ... learning rates, decay, betas from the flags
+        torch.set_rng_state(state["rng_cpu"])
+        if run.device.type == "cuda" and "rng_cuda" in state:
+            torch.cuda.set_rng_state(state["rng_cuda"], run.device)
+    except (ValueError, KeyError, TypeError, RuntimeError) as e:
+        raise TrainError(f"{run.last / 'training_state.pt'} does not fit this run (was --optimizer changed?): "
+                         f"{' '.join(str(e).split())[:200]}") from None
+    return RunState(info["step"], info["best_val_loss"], info["best_step"], info["elapsed_s"], saved_at=info["step"])
+
+
+def save_last(run: Run, state: RunState):
+    """last/: the model, and what --resume needs. Every rank holds the same weights and optimizer
+    states, so rank 0's are the run's."""
+    if run.rank == 0:
+        args = run.args
+        training = dict(optimizers=[o.state_dict() for o in run.optimizers], rng_cpu=torch.get_rng_state())
+        if run.device.type == "cuda":
+            training["rng_cuda"] = torch.cuda.get_rng_state(run.device)
+        info = dict(step=state.step, max_steps=args.max_steps,
+                    samples_seen=state.step * args.batch_size * args.grad_accum, best_val_loss=state.best_val_loss,
+                    best_step=state.best_step, elapsed_s=state.elapsed_s,
+                    data_key=run.data.key, args={k: v for k, v in vars(args).items() if k not in SESSION_FLAGS})
+        save_checkpoint(run.out, "last", run.model, run.data.tokenizer, training, info)
+    state.saved_at = state.step
+
+
+def open_out_dir(run: Run, state: RunState, resuming: bool):
+    """--overwrite deletes the old checkpoints; a resumed metrics.jsonl goes on from its step."""
+    if run.rank > 0:
+        return
+    if run.args.overwrite and not resuming:
+        for name in ("best", "last"):
+            shutil.rmtree(run.out / name, ignore_errors=True)
+    run.out.mkdir(parents=True, exist_ok=True)
+    metrics = run.out / "metrics.jsonl"
+    kept = [r for r in read_metrics(metrics) if r["step"] <= state.step] if resuming else []
+    metrics.write_text("".join(json.dumps(r) + "\n" for r in kept))
+
+
+def describe(run: Run, state: RunState, resuming: bool):
+    """The run in three lines: its data, its model, its steps."""
+    args, meta, config = run.args, run.data.meta, run.model.config
+    say(f"data: {meta['source']}: {meta['train_tokens']:,} training tokens ({meta['train_docs']} documents), "
+        f"{meta['val_tokens']:,} validation tokens ({meta['val_docs']} documents), tokenizer vocab "
+        f"{len(run.data.tokenizer)}")
+    say("model: " + json.dumps({k: getattr(config, k) for k in ("vocab_size", *SHAPE_FLAGS, "dropout",
+                                                                "max_position_embeddings")})
+        + f", {run.model.num_params() / 1e6:.2f}M parameters")
+    epoch_steps = run.batches.windows_per_epoch * args.seq_len / run.tokens_per_step
+    lrs = f"lr {args.lr:g}" + (f", muon lr {args.muon_lr:g}" if args.optimizer == "muon" else "")
+    ranks = f" x {run.world} processes (each batch {run.batch} x accum {run.accum})" if run.world > 1 else ""
+    say(f"training: {args.max_steps} steps of {run.tokens_per_step:,} tokens (batch {args.batch_size} x seq "
+        f"{args.seq_len} x accum {args.grad_accum}), one epoch = {epoch_steps:.0f} steps; {args.optimizer} "
+        f"({lrs}), device {run.device.type}{ranks}, {args.dtype}" + (", compiled" if args.compile else "")
+        + (f"; resuming at step {state.step}" if resuming else ""))
+
+
 # %% 3. Evaluation
 # Both splits are scored on the same fixed windows every time, in eval mode (no dropout), so the
 # numbers are comparable across evaluations and the train/validation gap measures memorisation.
 # Perplexity is exp(validation loss); accuracy is the fraction of next tokens predicted by argmax.
 # Under torchrun each rank scores every world-th batch and the sums are added up across ranks.
+# Every --eval-every steps (and at the end) the scores are logged, a new best validation loss
+# replaces best/, and last/ is saved; --save-every saves last/ more often.
 
 
 @torch.no_grad()
@@ -430,7 +524,61 @@ def sample(model, tokenizer, n: int, device, seed: int) -> str:
     return tokenizer.decode(out[0, 1:], skip_special_tokens=True)
 
 
-# %% 4. The loop
+def evaluate_and_save(run: Run, state: RunState, write):
+    """What happens between steps: at an evaluation step, score both splits, log them and keep a
+    new best in best/; then save last/ at evaluations and every --save-every steps."""
+    args, step = run.args, state.step
+    evaluating = step % args.eval_every == 0 or step == args.max_steps
+    if evaluating:
+        train_loss, _ = evaluate(run.net, run.data.train, run.train_eval, args, run.device, run.autocast)
+        val_loss, val_acc = evaluate(run.net, run.data.val, run.val_eval, args, run.device, run.autocast)
+        if run.rank == 0:
+            lr = run.optimizers[0].param_groups[0]["base_lr"] * lr_multiplier(step, *run.schedule)
+            log_eval(run.out, dict(step=step, epoch=run.batches.epochs(step * args.batch_size * args.grad_accum),
+                                   tokens=step * run.tokens_per_step, train_loss=train_loss, val_loss=val_loss,
+                                   val_ppl=math.exp(val_loss), val_acc=val_acc, lr=lr, elapsed_s=state.elapsed_s),
+                     write)
+        if step > 0 and (state.best_val_loss is None or val_loss < state.best_val_loss):
+            state.best_val_loss, state.best_step = val_loss, step
+            if run.rank == 0:
+                save_checkpoint(run.out, "best", run.model, run.data.tokenizer)
+    if step > 0 and (evaluating or (args.save_every and step % args.save_every == 0)):
+        save_last(run, state)
+
+
+# %% 4. Stopping
+# Ctrl-C and SIGTERM (sent by `kill`, schedulers, shutdowns; torchrun passes them on to every
+# rank) ask the loop to save last/ and stop at the end of the current step; a second one stops
+# at once (the previous last/ survives). Ranks agree on the stop step: any rank's request counts.
+
+
+class StopRequest:
+    """While in a `with` block, Ctrl-C and SIGTERM are noted rather than fatal (the second one is)."""
+
+    def __init__(self, last: Path, write):
+        self.last, self.write, self.signum = last, write, 0
+
+    def __enter__(self):
+        self.handlers = {s: signal.signal(s, self.request) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def __exit__(self, *exc):
+        for s, h in self.handlers.items():
+            signal.signal(s, h)
+
+    def request(self, signum, frame):
+        if self.signum:
+            raise KeyboardInterrupt
+        self.signum = signum
+        self.write(f"{signal.Signals(signum).name}: saving {self.last} at the end of this step "
+                   f"(again to quit without saving)")
+
+    def agreed(self, device) -> int:
+        """The signal any rank has received (0: none), the same on every rank."""
+        return int(all_ranks([self.signum], device, dist.ReduceOp.MAX)[0])
+
+
+# %% 5. The loop
 # One optimizer step = --grad-accum micro-batches whose losses are averaged (each is divided by
 # the count before backward, and all hold the same number of tokens), then gradient clipping,
 # then every optimizer steps with the learning rate of this step. The schedule is a pure function
@@ -454,207 +602,75 @@ def lr_multiplier(step: int, max_steps: int, warmup_frac: float, min_lr_frac: fl
 
 
 def train(args, device: torch.device, info: dict | None) -> int:
-    rank, world = rank_and_world()
-    say = print if rank == 0 else lambda *a, **k: None  # rank 0 alone speaks
-    out = Path(args.out_dir)
-    last = out / "last"
-    check_out_dir(out, model_config(args), resuming=info is not None, overwrite=args.overwrite)
+    check_out_dir(Path(args.out_dir), model_config(args), resuming=info is not None, overwrite=args.overwrite)
     if info is not None and info["step"] >= args.max_steps:
-        say(f"{last} is at step {info['step']}, which already reaches --max-steps {args.max_steps}; "
-            f"nothing to do (pass a larger --max-steps to train further)")
+        say(f"{Path(args.out_dir) / 'last'} is at step {info['step']}, which already reaches --max-steps "
+            f"{args.max_steps}; nothing to do (pass a larger --max-steps to train further)")
         return 0
+    run = setup(args, device, info)
+    state = resume(run, info) if info is not None else RunState()
+    if run.rank > 0:  # dropout: other ranks draw masks of their own (rank 0 keeps the checkpointed stream)
+        torch.manual_seed(int(np.random.SeedSequence([args.seed, run.rank, state.step]).generate_state(1)[0]))
+    open_out_dir(run, state, resuming=info is not None)
+    describe(run, state, resuming=info is not None)
+    model, optimizers, world = run.model, run.optimizers, run.world
 
-    # data and model. Under torchrun the first process on each machine fills the cache (trains the
-    # tokenizer, tokenises) while the others wait; then they read it.
-    local_rank = int(os.environ.get("LOCAL_RANK", "0")) if world > 1 else 0
-    if local_rank > 0:
-        dist.barrier()
-    data = prepare_data(args.data, str(last) if info else args.tokenizer, vocab_size=args.vocab_size,
-                        max_docs=args.max_docs, max_tokens=args.max_tokens, val_frac=args.val_frac,
-                        split_seed=args.split_seed, text_field=args.text_field, cache_dir=args.cache_dir,
-                        log=say)
-    if local_rank == 0 and world > 1:
-        dist.barrier()
-    sizes = [len(data.train), len(data.val), len(data.tokenizer)]
-    if all_ranks(sizes, device, dist.ReduceOp.MAX) != all_ranks(sizes, device, dist.ReduceOp.MIN):
-        raise TrainError("the processes read different data (--data auto may have resolved differently, or the "
-                         "machines' files differ); give every machine the same files and name them with --data")
-    args.data = data.spec  # "auto" resolved: --resume must read the same data
-    tokenizer, meta = data.tokenizer, data.meta
-    batches = Batches(data.train, args.seq_len, args.seed)
-    if batches.windows_per_epoch < 1 or len(data.val) < args.seq_len + 1:
-        raise TrainError(f"corpus too small for --seq-len {args.seq_len}: {len(data.train)} training and "
-                         f"{len(data.val)} validation tokens, need at least {2 * args.seq_len} and "
-                         f"{args.seq_len + 1}; use more data or a shorter --seq-len")
-    if info is not None and info.get("data_key") != data.key:
-        say("warning: the data differ from the checkpoint's; resuming on the new data", file=sys.stderr)
-    eval_count = args.eval_batches * args.batch_size
-    train_eval = fixed_starts(data.train, args.seq_len, eval_count)
-    val_eval = fixed_starts(data.val, args.seq_len, eval_count)
-
-    config = model_config(args, tokenizer)
-    torch.manual_seed(args.seed)
-    model = Qwen3(config)
-    if info is not None:
-        model.load_state_dict(Qwen3.from_pretrained(last).state_dict())
-    model.to(device)
-    optimizers = configure_optimizers(model, args.optimizer, lr=args.lr, muon_lr=args.muon_lr,
-                                      weight_decay=args.weight_decay, betas=tuple(args.betas), eps=args.adam_eps)
-    step, best_val, best_step, elapsed = 0, None, None, 0.0
-    if info is not None:
-        state = load_training_state(last, info)
-        try:
-            for opt, opt_state in zip(optimizers, state["optimizers"], strict=True):
-                flags = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
-                opt.load_state_dict(opt_state)  # moments from the checkpoint ...
-                for group, hyper in zip(opt.param_groups, flags, strict=True):
-                    group.update(hyper)  # ... learning rates, decay, betas from the flags
-            torch.set_rng_state(state["rng_cpu"])
-            if device.type == "cuda" and "rng_cuda" in state:
-                torch.cuda.set_rng_state(state["rng_cuda"], device)
-        except (ValueError, KeyError, TypeError, RuntimeError) as e:
-            raise TrainError(f"{last / 'training_state.pt'} does not fit this run (was --optimizer changed?): "
-                             f"{' '.join(str(e).split())[:200]}") from None
-        step, best_val, best_step, elapsed = info["step"], info["best_val_loss"], info["best_step"], info["elapsed_s"]
-    elif args.overwrite and rank == 0:
-        for name in ("best", "last"):
-            shutil.rmtree(out / name, ignore_errors=True)
-    if rank > 0:  # dropout: other ranks draw masks of their own (rank 0 keeps the checkpointed stream)
-        torch.manual_seed(int(np.random.SeedSequence([args.seed, rank, step]).generate_state(1)[0]))
-    if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        metrics = out / "metrics.jsonl"
-        kept = [r for r in read_metrics(metrics) if r["step"] <= step] if info is not None else []
-        metrics.write_text("".join(json.dumps(r) + "\n" for r in kept))  # a resumed log goes on from its step
-
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    autocast = torch.autocast(device.type, torch.bfloat16) if args.dtype == "bfloat16" else nullcontext()
-    net = torch.compile(model) if args.compile else model  # what runs forward passes
-    # Training passes go through DDP, which averages gradients across ranks in backward (and first
-    # copies rank 0's weights to all); evaluation runs the model itself, no gradients to sync.
-    train_net = DDP(net, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else net
-    if args.grad_accum == 1:  # this rank's share of each step: a part of the one micro-batch ...
-        batch, accum = args.batch_size // world, 1
-    else:  # ... or some of the micro-batches
-        batch, accum = args.batch_size, args.grad_accum // world
-    tokens_per_step = args.batch_size * args.seq_len * args.grad_accum
-    schedule = (args.max_steps, args.warmup_frac, args.min_lr_frac)
-
-    say(f"data: {meta['source']}: {meta['train_tokens']:,} training tokens ({meta['train_docs']} documents), "
-        f"{meta['val_tokens']:,} validation tokens ({meta['val_docs']} documents), tokenizer vocab {len(tokenizer)}")
-    say("model: " + json.dumps({k: getattr(config, k) for k in ("vocab_size", *SHAPE_FLAGS, "dropout",
-                                                                "max_position_embeddings")})
-        + f", {model.num_params() / 1e6:.2f}M parameters")
-    epoch_steps = batches.windows_per_epoch * args.seq_len / tokens_per_step
-    lrs = f"lr {args.lr:g}" + (f", muon lr {args.muon_lr:g}" if args.optimizer == "muon" else "")
-    ranks = f" x {world} processes (each batch {batch} x accum {accum})" if world > 1 else ""
-    say(f"training: {args.max_steps} steps of {tokens_per_step:,} tokens (batch {args.batch_size} x seq "
-        f"{args.seq_len} x accum {args.grad_accum}), one epoch = {epoch_steps:.0f} steps; {args.optimizer} "
-        f"({lrs}), device {device.type}{ranks}, {args.dtype}" + (", compiled" if args.compile else "")
-        + (f"; resuming at step {step}" if info else ""))
-
-    def run_info():
-        return dict(step=step, max_steps=args.max_steps, samples_seen=step * args.batch_size * args.grad_accum,
-                    best_val_loss=best_val, best_step=best_step, elapsed_s=elapsed, data_key=data.key,
-                    args={k: v for k, v in vars(args).items() if k not in SESSION_FLAGS})
-
-    def save_last():  # every rank holds the same weights and optimizer states: rank 0's are the run's
-        if rank == 0:
-            state = dict(optimizers=[o.state_dict() for o in optimizers], rng_cpu=torch.get_rng_state())
-            if device.type == "cuda":
-                state["rng_cuda"] = torch.cuda.get_rng_state(device)
-            save_checkpoint(out, "last", model, tokenizer, state, run_info())
-
-    # Ctrl-C and SIGTERM (sent by `kill`, schedulers, shutdowns; torchrun passes them on to every
-    # rank) ask the loop to save last/ and stop at the end of the current step; a second one stops
-    # at once (the previous last/ survives). Ranks agree on the stop step: any rank's request counts.
-    stop = []
-
-    def request_stop(signum, frame):
-        if stop:
-            raise KeyboardInterrupt
-        stop.append(signum)
-        write(f"{signal.Signals(signum).name}: saving {last} at the end of this step (again to quit without saving)")
-
-    from tqdm import tqdm
-    bar = tqdm(total=args.max_steps, initial=step, disable=None if rank == 0 else True, dynamic_ncols=True,
-               unit="step")
-    write = bar.write if rank == 0 else lambda s: None
-    handlers = {s: signal.signal(s, request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
-    start_time, start_elapsed = time.perf_counter(), elapsed
-    saved_at = step if info is not None else None  # the step last/ holds; a resumed one was evaluated too
-    try:
+    with (tqdm(total=args.max_steps, initial=state.step, disable=None if run.rank == 0 else True,
+               dynamic_ncols=True, unit="step") as bar,
+          StopRequest(run.last, bar.write if run.rank == 0 else lambda s: None) as stop):
+        start_time, start_elapsed = time.perf_counter(), state.elapsed_s
         model.train()
         while True:
-            elapsed = start_elapsed + time.perf_counter() - start_time
-            if step != saved_at:
-                evaluating = step % args.eval_every == 0 or step == args.max_steps
-                if evaluating:
-                    train_loss, _ = evaluate(net, data.train, train_eval, args, device, autocast)
-                    val_loss, val_acc = evaluate(net, data.val, val_eval, args, device, autocast)
-                    if rank == 0:
-                        log_eval(out, dict(step=step, epoch=batches.epochs(step * args.batch_size * args.grad_accum),
-                                           tokens=step * tokens_per_step, train_loss=train_loss, val_loss=val_loss,
-                                           val_ppl=math.exp(val_loss), val_acc=val_acc,
-                                           lr=optimizers[0].param_groups[0]["base_lr"] * lr_multiplier(step, *schedule),
-                                           elapsed_s=elapsed), bar.write)
-                    if step > 0 and (best_val is None or val_loss < best_val):
-                        best_val, best_step = val_loss, step
-                        if rank == 0:
-                            save_checkpoint(out, "best", model, tokenizer)
-                if step > 0 and (evaluating or (args.save_every and step % args.save_every == 0)):
-                    save_last()
-                    saved_at = step
-            if step == args.max_steps:
+            state.elapsed_s = start_elapsed + time.perf_counter() - start_time
+            if state.step != state.saved_at:
+                evaluate_and_save(run, state, bar.write)
+            if state.step == args.max_steps:
                 break
-            signum = int(all_ranks([stop[0] if stop else 0], device, dist.ReduceOp.MAX)[0])  # any rank's
-            if signum or step == args.stop_at:
-                if saved_at != step:
-                    save_last()
+            signum = stop.agreed(device)
+            if signum or state.step == args.stop_at:
+                if state.saved_at != state.step:
+                    save_last(run, state)
                 why = signal.Signals(signum).name if signum else f"--stop-at {args.stop_at}"
-                write(f"stopped at step {step} ({why}); {last} saved, continue with --resume")
+                stop.write(f"stopped at step {state.step} ({why}); {run.last} saved, continue with --resume")
                 return 128 + signum if signum else 0
 
             # one optimizer step
             t0 = time.perf_counter()
             for opt in optimizers:
                 for group in opt.param_groups:
-                    group["lr"] = group["base_lr"] * lr_multiplier(step, *schedule)
+                    group["lr"] = group["base_lr"] * lr_multiplier(state.step, *run.schedule)
             loss_sum = 0.0
-            for micro in range(accum):
-                first = (step * args.grad_accum * args.batch_size  # global sample number: the step's first,
-                         + rank * accum * batch + micro * batch)  # then this rank's share, then this micro-batch
-                x, y = windows(data.train, batches.starts(np.arange(first, first + batch)), args.seq_len)
+            for micro in range(run.accum):
+                first = (state.step * args.grad_accum * args.batch_size  # global sample number: the step's first,
+                         + run.rank * run.accum * run.batch + micro * run.batch)  # this rank's share, this micro-batch
+                x, y = windows(run.data.train, run.batches.starts(np.arange(first, first + run.batch)), args.seq_len)
                 x, y = (torch.from_numpy(a).to(device, non_blocking=True) for a in (x, y))
-                with train_net.no_sync() if world > 1 and micro < accum - 1 else nullcontext():  # sync once
-                    with autocast:
-                        _, loss = train_net(x, y, return_logits=False)  # the loss without full logits (qwen3 6b)
-                    (loss / accum).backward()
+                with run.train_net.no_sync() if world > 1 and micro < run.accum - 1 else nullcontext():  # sync once
+                    with run.autocast:
+                        _, loss = run.train_net(x, y, return_logits=False)  # no full logits (qwen3.py, A1)
+                    (loss / run.accum).backward()
                 loss_sum += loss.detach()
-            loss_value = all_ranks([(loss_sum / accum).item()], device)[0] / world  # the global batch's mean
+            loss_value = all_ranks([(loss_sum / run.accum).item()], device)[0] / world  # the global batch's mean
             if not math.isfinite(loss_value):  # the same value on every rank: all stop here together
-                kept = f"{last} (step {saved_at})" if saved_at is not None else "none, nothing was saved yet"
-                raise TrainError(f"loss is {loss_value} at step {step + 1}; stopped. Last good checkpoint: {kept}")
+                kept = f"{run.last} (step {state.saved_at})" if state.saved_at is not None else None
+                raise TrainError(f"loss is {loss_value} at step {state.step + 1}; stopped. "
+                                 f"Last good checkpoint: {kept or 'none, nothing was saved yet'}")
             if args.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
             for opt in optimizers:
                 opt.step()
                 opt.zero_grad(set_to_none=True)
-            step += 1
+            state.step += 1
             bar.update(1)
             bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{optimizers[0].param_groups[0]['lr']:.2e}",
-                            tok_s=f"{tokens_per_step / (time.perf_counter() - t0):,.0f}")
-    finally:
-        for s, h in handlers.items():
-            signal.signal(s, h)
-        bar.close()
+                            tok_s=f"{run.tokens_per_step / (time.perf_counter() - t0):,.0f}")
 
-    if args.sample_tokens > 0 and rank == 0:
-        print(f"sample: {sample(model, tokenizer, args.sample_tokens, device, args.seed)!r}")
-    if best_step is not None:
-        say(f"done: best val loss {best_val:.4f} (ppl {math.exp(best_val):.2f}) at step {best_step} in "
-            f"{out / 'best'}; {last} is step {step}; {elapsed / 60:.1f} min of training")
+    if args.sample_tokens > 0 and run.rank == 0:
+        print(f"sample: {sample(model, run.data.tokenizer, args.sample_tokens, device, args.seed)!r}")
+    if state.best_step is not None:
+        say(f"done: best val loss {state.best_val_loss:.4f} (ppl {math.exp(state.best_val_loss):.2f}) at step "
+            f"{state.best_step} in {run.out / 'best'}; {run.last} is step {state.step}; "
+            f"{state.elapsed_s / 60:.1f} min of training")
     return 0
 
 

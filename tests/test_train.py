@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 import torch
 
+import checkpoint
 import data
 import train
 from qwen3 import Qwen3
@@ -221,7 +222,7 @@ def test_kill_9_leaves_a_checkpoint_to_resume(cache, tmp_path):
         time.sleep(rng.uniform(0, 1.0))
         proc.kill()
         proc.communicate()
-        train.recover(out)  # what every start does first
+        checkpoint.recover(out)  # what every start does first
         step = json.loads((out / "last" / "training_state.json").read_text())["step"]
         assert main(["--resume", "--out-dir", str(out), "--max-steps", str(step + 3), "--save-every", "0"]) == 0
         assert json.loads((out / "last" / "training_state.json").read_text())["step"] == step + 3
@@ -244,7 +245,7 @@ def test_recover_interrupted_saves(tmp_path):
         out.mkdir()
         for d, tag in left.items():
             ckpt(out / d, tag)
-        train.recover(out)
+        checkpoint.recover(out)
         assert [p.name for p in out.iterdir()] == (["last"] if want else []), name
         if want:
             assert (out / "last" / "tag").read_text() == want, name
@@ -281,7 +282,7 @@ def test_tampered_training_state_is_refused(ref, tmp_path, capsys, update_checks
     if update_checksum:  # a careful attacker fixes the JSON too: weights_only=True still refuses
         info_path = out / "last" / "training_state.json"
         info = json.loads(info_path.read_text())
-        info["training_state_sha256"] = train.sha256(state)
+        info["training_state_sha256"] = checkpoint.sha256(state)
         info_path.write_text(json.dumps(info))
     assert main(["--resume", "--out-dir", str(out), "--max-steps", "16"]) == 1
     line = one_error_line(capsys.readouterr().err)

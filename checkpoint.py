@@ -1,0 +1,107 @@
+"""
+Checkpoints that survive a crash: how train.py writes OUT/best/ and OUT/last/, and reads last/ back.
+
+OUT/best/ (lowest validation loss so far) and OUT/last/ (the newest state) are Hugging Face model
+folders: config.json, model.safetensors, the tokenizer. transformers' AutoModelForCausalLM and
+AutoTokenizer load them as they are. last/ also holds what --resume needs: the optimizer states
+and RNG states in training_state.pt (tensors only, read back with weights_only=True, so loading
+it cannot run code) and the step, schedule and flags in training_state.json, which also records
+the .pt file's SHA-256: a file that does not match is refused before it is even opened.
+
+A save never touches the previous checkpoint until the new one is complete: it writes .NAME.tmp/,
+flushes it to disk, renames NAME/ to .NAME.old/, renames .NAME.tmp/ to NAME/, then deletes the
+old one. A crash at any moment leaves a complete checkpoint under one of those names, and
+`recover` (run at start) puts the newest one back in place.
+"""
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from qwen3 import CheckpointError, Qwen3
+
+
+def recover(out: Path):
+    """Finish or undo a save that a crash interrupted."""
+    for name in ("best", "last"):
+        final, tmp, old = out / name, out / f".{name}.tmp", out / f".{name}.old"
+        if not final.exists() and old.exists():
+            os.rename(tmp if tmp.exists() else old, final)  # tmp is complete once old exists
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def fsync_dir(path: Path):
+    if os.name == "posix":  # a rename is durable only once its directory is flushed
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def save_checkpoint(out: Path, name: str, model: Qwen3, tokenizer, state: dict | None = None, info: dict | None = None):
+    """OUT/NAME/: the model and tokenizer, and with `state` (tensors) and `info` (JSON) what --resume needs."""
+    final, tmp, old = out / name, out / f".{name}.tmp", out / f".{name}.old"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if state is not None:
+            torch.save(state, tmp / "training_state.pt")
+            info = {**info, "training_state_sha256": sha256(tmp / "training_state.pt")}
+            (tmp / "training_state.json").write_text(json.dumps(info, indent=2) + "\n")
+        for f in tmp.iterdir():
+            with open(f, "ab") as fh:  # "ab": a writable handle that changes nothing
+                os.fsync(fh.fileno())
+        fsync_dir(tmp)
+        if final.exists():
+            os.rename(final, old)
+        os.rename(tmp, final)
+        fsync_dir(out)
+    except Exception as e:  # disk full, permissions, ...: whatever it is, the old checkpoint stays
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old.exists() and not final.exists():
+            os.rename(old, final)
+        reason = " ".join(str(e).split()) or type(e).__name__
+        raise CheckpointError(f"saving {final} failed ({reason}); the previous checkpoint is intact") from None
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def read_training_info(last: Path) -> dict:
+    """last/training_state.json: the run's step, best score, elapsed time and flags."""
+    path = last / "training_state.json"
+    if not path.is_file():
+        raise CheckpointError(f"--resume: no checkpoint to resume from ({path} not found)")
+    try:
+        info = json.loads(path.read_text())
+    except ValueError as e:
+        raise CheckpointError(f"{path} is not valid JSON ({e})") from None
+    required = {"step", "args", "best_val_loss", "best_step", "elapsed_s", "training_state_sha256"}
+    if not isinstance(info, dict) or not required <= info.keys():
+        raise CheckpointError(f"{path} lacks {', '.join(sorted(required - set(info or ())))}")
+    return info
+
+
+def load_training_state(last: Path, info: dict) -> dict:
+    """last/training_state.pt (optimizer and RNG states), once its checksum matches `info`'s."""
+    path = last / "training_state.pt"
+    if not path.is_file() or sha256(path) != info.get("training_state_sha256"):
+        raise CheckpointError(f"{path} is missing or does not match the checksum in training_state.json "
+                              f"(corrupt or tampered); refusing to load it")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)  # tensors and plain containers only
+    except Exception as e:
+        raise CheckpointError(f"{path} could not be loaded safely ({' '.join(str(e).split())[:200]})") from None
