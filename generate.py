@@ -5,6 +5,7 @@ Sample text from a Qwen3 checkpoint: one of our training runs, or any Hugging Fa
     python generate.py --prompt "Once upon a time" -n 100 --num-samples 3
     echo "Once upon a time" | python generate.py --prompt -
     python generate.py --ckpt path/to/Qwen3-0.6B --chat  # chat through the tokenizer's chat template
+    python generate.py --prompt "The city of" --show-probs  # each token with its likeliest candidates
 
 The prompt is run through the model once to fill a KV cache (prefill); after that each step feeds
 only the newest token (Qwen3.stream / Qwen3.generate in qwen3.py).
@@ -17,8 +18,10 @@ import sys
 import time
 
 import torch
+from tokenizers import decoders
 from transformers import AutoTokenizer
 
+from data import byte_level_alphabet
 from qwen3 import CheckpointError, Qwen3
 
 
@@ -35,6 +38,7 @@ RULES = {  # setting: (is the value allowed, what is allowed)
     "top_k": (lambda v: v >= 0, "top-k must be >= 0 (0 = off)"),
     "top_p": (lambda v: 0 < v <= 1, "top-p must be in (0, 1] (1 = off)"),
     "num_samples": (lambda v: v >= 1, "--num-samples must be >= 1"),
+    "seed": (lambda v: v is None or -2**63 <= v < 2**64, "the seed must be an integer in [-2**63, 2**64)"),  # torch's
 }
 
 COMMANDS = {  # /command: (setting, type of its value)
@@ -52,11 +56,25 @@ Type a prompt and press Enter; the continuation streams as it is generated. Line
   /topp P         sample only from the most likely tokens holding probability mass P, in (0, 1] (1 = off)
   /n N            max new tokens per generation
   /seed S         reseed the sampler (what follows is reproducible)
-  /think on|off   --chat: let the model think before it answers (Qwen3's enable_thinking)
-  /reset          --chat: forget the conversation so far
-  /settings       show the current settings
+  /probs on|off   a line per new token: its likeliest candidates and their probabilities after temperature,
+                  top-k and top-p (* marks the token drawn); the text follows
+  /tokens         how the last prompt was split into tokens (ids and pieces, as the model got it)
+{chat}  /settings       show the current settings
   /help           show this help
-  /quit           leave (so do Ctrl-D and Ctrl-C at the prompt; Ctrl-C during a generation stops it)"""
+  /quit           leave (so do Ctrl-D and Ctrl-C at the prompt; Ctrl-C during a generation stops it)
+{empty}"""
+
+HELP_CHAT = """\
+  /think on|off   let the model think before it answers (Qwen3's enable_thinking)
+  /reset          forget the conversation so far
+"""
+
+
+def help_text(chat):
+    if chat:
+        return HELP.format(chat=HELP_CHAT, empty='An empty line sends an empty message, as --prompt "" does.')
+    return HELP.format(chat="", empty='An empty line samples unconditionally, from the start token alone, as '
+                       '--prompt "" does.\nWith --chat there are /think and /reset too.')
 
 
 def check(name, value):
@@ -65,10 +83,14 @@ def check(name, value):
         raise GenerateError(f"{rule}, got {value}")
 
 
-def show_settings(s):
+def on_off(flag):
+    return "on" if flag else "off"
+
+
+def show_settings(s, chat):
     seed = "random" if s["seed"] is None else s["seed"]
     return (f"settings: /temp {s['temperature']} /topk {s['top_k']} /topp {s['top_p']} /n {s['max_new_tokens']} "
-            f"/seed {seed} /think {'on' if s['think'] else 'off'}")
+            f"/seed {seed} /probs {on_off(s['show_probs'])}" + (f" /think {on_off(s['think'])}" if chat else ""))
 
 
 # -----------------------------------------------------------------------------
@@ -212,27 +234,87 @@ class TextStream:
         return now[len(before):]
 
 
-def complete(model, tokenizer, ids, s, stop, generator, echo, out=None):
+# -----------------------------------------------------------------------------
+# looking inside: the tokens of a prompt, the candidates for each new token
+
+BYTE_OF = byte_level_alphabet()  # byte-level BPE's stand-in characters -> bytes (data.py)
+
+
+def token_piece(tokenizer, token_id):
+    r"""One token as text the terminal shows faithfully: quoted, so spaces and newlines are visible
+    (' the', '\n'); as bytes (b'\xe6\x97') where byte-level BPE cut a character apart; special tokens
+    bare; <id N> for an id the tokenizer lacks (a padded embedding row)."""
+    token = tokenizer.convert_ids_to_tokens(token_id)
+    if token is None:
+        return f"<id {token_id}>"
+    if token_id in tokenizer.added_tokens_decoder:  # <|endoftext|>, <think>: stored as they read
+        return token
+    if isinstance(getattr(getattr(tokenizer, "backend_tokenizer", None), "decoder", None), decoders.ByteLevel):
+        raw = bytes(BYTE_OF[c] for c in token)
+        try:
+            return repr(raw.decode("utf-8"))
+        except UnicodeDecodeError:
+            return repr(raw)
+    return repr(tokenizer.decode([token_id]))
+
+
+def show_tokens(tokenizer, ids):
+    """/tokens: the prompt the model got, one token a line, and a note when it ends mid-word
+    (a chat template's prompt never does: it ends with the assistant's header)."""
+    lines = [f"{len(ids)} tokens (the last prompt, as the model got it):"]
+    lines += [f"{i:5d} {t:7d}  {token_piece(tokenizer, t)}" for i, t in enumerate(ids)]
+    text = tokenizer.decode(ids, skip_special_tokens=True)
+    if text[-1:].isalnum():
+        lines.append("note: the prompt ends in a letter or digit, so to the model its last word may not be over: "
+                     "the continuation may extend it (Paris into Parisk); a prompt ending in a space or punctuation "
+                     "is tokenized, and continued, differently")
+    return "\n".join(lines)
+
+
+def show_prob(p):
+    return f"{p:.3f}" if p >= 0.001 else f"{p:.1e}"
+
+
+def probs_line(tokenizer, token, probs, k=5):
+    """/probs: the token drawn, then the k likeliest candidates of the distribution it was drawn
+    from (only those it could have been: probability > 0), * marking the drawn one (added last when
+    it is not among them)."""
+    top = probs.topk(min(k, probs.numel()))
+    shown = [(t, p) for t, p in zip(top.indices.tolist(), top.values.tolist()) if p > 0]
+    if token not in [t for t, _ in shown]:
+        shown.append((token, probs[token].item()))
+    candidates = " | ".join(f"{'*' if t == token else ''}{token_piece(tokenizer, t)} {show_prob(p)}" for t, p in shown)
+    return f"{token_piece(tokenizer, token):<12} {candidates}"
+
+
+def complete(model, tokenizer, ids, s, stop, generator, echo, out=None, probs=False):
     """Stream one continuation of the prompt ids to `out` (after the prompt itself if echo).
-    Ctrl-C stops it early. Returns (new token ids, seconds to the first token, seconds in all, interrupted)."""
+    With probs, each new token gets a line (probs_line) and the text waits to the end, so that the
+    two never interleave. Ctrl-C stops it early. Returns (new token ids, seconds to the first token,
+    seconds in all, interrupted)."""
     out = out or sys.stdout
     idx = torch.tensor([ids], dtype=torch.long, device=next(model.parameters()).device)
-    text = TextStream(tokenizer, ids)
+    text, held = TextStream(tokenizer, ids), []
+    write = held.append if probs else out.write
     if echo:
-        out.write(tokenizer.decode(ids, skip_special_tokens=True))
+        write(tokenizer.decode(ids, skip_special_tokens=True))
     new, first, interrupted = [], None, False
     t0 = time.perf_counter()
     try:
-        for token in model.stream(idx, s["max_new_tokens"], temperature=s["temperature"], top_k=s["top_k"],
-                                  top_p=s["top_p"], eos_token_id=stop, generator=generator):
+        for step in model.stream(idx, s["max_new_tokens"], temperature=s["temperature"], top_k=s["top_k"],
+                                 top_p=s["top_p"], eos_token_id=stop, generator=generator, with_probs=probs):
+            token, dist = step if probs else (step, None)
             if first is None:
                 first = time.perf_counter() - t0
             new.append(token)
-            out.write(text.push(token))
+            write(text.push(token))
+            if probs:
+                out.write(probs_line(tokenizer, token, dist) + "\n")
             out.flush()
     except KeyboardInterrupt:
         interrupted = True
-    out.write(text.flush())
+    write(text.flush())
+    out.write("".join(held))
     out.flush()
     return new, first, time.perf_counter() - t0, interrupted
 
@@ -271,29 +353,43 @@ def one_shot(args, model, tokenizer, stop, s):
     for i in range(args.num_samples):
         if i:
             print("---------------")
-        interrupted = complete(model, tokenizer, ids, s, stop, generator, echo=not args.chat)[3]
+        interrupted = complete(model, tokenizer, ids, s, stop, generator, echo=not args.chat,
+                               probs=s["show_probs"])[3]
         print()
         if interrupted:
             sys.exit(130)
 
 
-def run_command(line, s, generator, history, chat):
-    """Apply one /command to the settings; True means quit. Bad commands raise GenerateError."""
+def switch(name, values, now):
+    if values not in (["on"], ["off"]):
+        raise GenerateError(f"usage: {name} on|off (now {on_off(now)})")
+    return values == ["on"]
+
+
+def run_command(line, s, generator, history, chat, tokenizer, last_ids):
+    """Apply one /command to the settings; True means quit. Bad commands raise GenerateError.
+    last_ids: the token ids of the last prompt, as the model got it (None before the first)."""
     name, *values = line.split()
     if name in ("/quit", "/exit", "/q"):
         return True
     if name == "/help":
-        print(HELP)
+        print(help_text(chat))
     elif name == "/settings":
-        print(show_settings(s))
+        print(show_settings(s, chat))
+    elif name == "/tokens":
+        print("no prompt yet: /tokens shows how the last one was split" if last_ids is None
+              else show_tokens(tokenizer, last_ids))
+    elif name == "/probs":
+        s["show_probs"] = switch(name, values, s["show_probs"])
+        print(show_settings(s, chat))
     elif name == "/reset":
         history.clear()
         print("conversation cleared" if chat else "nothing to reset: each prompt stands alone without --chat")
     elif name == "/think":
-        if values not in (["on"], ["off"]):
-            raise GenerateError(f"usage: /think on|off (now {'on' if s['think'] else 'off'})")
-        s["think"] = values == ["on"]
-        print(f"thinking {values[0]}" + ("" if chat else " (used only with --chat)"))
+        if not chat:
+            raise GenerateError("/think applies only to --chat (it switches the chat template's thinking)")
+        s["think"] = switch(name, values, s["think"])
+        print(show_settings(s, chat))
     elif name in COMMANDS:
         key, kind = COMMANDS[name]
         if len(values) != 1:
@@ -308,7 +404,7 @@ def run_command(line, s, generator, history, chat):
         s[key] = value
         if key == "seed":
             generator.manual_seed(value)
-        print(show_settings(s))
+        print(show_settings(s, chat))
     else:
         raise GenerateError(f"unknown command {name}; /help lists the commands")
     return False
@@ -322,29 +418,30 @@ def interactive(args, ckpt, model, tokenizer, stop, s):
             pass
     device = next(model.parameters()).device
     generator = make_generator(device, s["seed"])
-    history = []  # the conversation, with --chat
+    history, last_ids = [], None  # the conversation (with --chat); the last prompt's token ids
     print(f"Qwen3 with {model.num_params():,} parameters from {ckpt} on {device} "
           f"({next(model.parameters()).dtype}){', chat mode' if args.chat else ''}. /help lists the commands.")
-    print(show_settings(s))
+    print(show_settings(s, args.chat))
     while True:
         try:
             line = input("> ")
         except (EOFError, KeyboardInterrupt):  # Ctrl-D / Ctrl-C at the prompt leave
             print()
             return
-        if not line.strip():
-            continue
         if line.startswith("/"):
             try:
-                if run_command(line, s, generator, history, args.chat):
+                if run_command(line, s, generator, history, args.chat, tokenizer, last_ids):
                     return
             except GenerateError as e:
                 print(f"error: {e}", file=sys.stderr)
             continue
         if args.chat:
             history.append({"role": "user", "content": line})
-        ids, gen_settings = prepare(model, tokenizer, history if args.chat else line, s, args.chat, args.show_prompt)
-        new, first, seconds, interrupted = complete(model, tokenizer, ids, gen_settings, stop, generator, echo=False)
+        # an empty line is a prompt too: unconditional samples (or an empty message), as with --prompt ""
+        last_ids, gen_settings = prepare(model, tokenizer, history if args.chat else line, s, args.chat,
+                                         args.show_prompt)
+        new, first, seconds, interrupted = complete(model, tokenizer, last_ids, gen_settings, stop, generator,
+                                                    echo=False, probs=s["show_probs"])
         print("\n[stopped]" if interrupted else "")
         if args.chat:
             history.append({"role": "assistant", "content": tokenizer.decode(new, skip_special_tokens=True)})
@@ -383,12 +480,16 @@ def get_parser():
                    help="auto: bfloat16 on cuda (float16 if unsupported), float32 elsewhere")
     p.add_argument("--show-prompt", action="store_true",
                    help="print the exact prompt the model gets (chat template, truncation) to stderr")
+    p.add_argument("--show-probs", action="store_true", help="with each new token, print a line to stdout: the "
+                   "likeliest candidates and their probabilities after temperature, top-k and top-p (* marks the "
+                   "token drawn); the text follows them (interactively: /probs on|off)")
     return p
 
 
 def main(argv=None):
     args = get_parser().parse_args(argv)
-    s = {k: getattr(args, k) for k in ("max_new_tokens", "temperature", "top_k", "top_p", "seed", "think")}
+    s = {k: getattr(args, k)
+         for k in ("max_new_tokens", "temperature", "top_k", "top_p", "seed", "think", "show_probs")}
     try:
         for name in RULES:
             check(name, getattr(args, name))

