@@ -12,17 +12,66 @@ A save never touches the previous checkpoint until the new one is complete: it w
 flushes it to disk, renames NAME/ to .NAME.old/, renames .NAME.tmp/ to NAME/, then deletes the
 old one. A crash at any moment leaves a complete checkpoint under one of those names, and
 `recover` (run at start) puts the newest one back in place.
+
+One run owns OUT/ at a time: before it touches anything there it takes an exclusive OS lock on
+OUT/.lock and holds it to the end, so a second train.py on the same folder is refused, naming the
+first. generate.py takes no lock: it reads best/ or last/, which a save replaces in one rename.
 """
 
 import hashlib
 import json
 import os
 import shutil
+import socket
 from pathlib import Path
 
 import torch
 
 from qwen3 import CheckpointError, Qwen3
+
+try:
+    import fcntl  # POSIX file locks
+except ImportError:  # Windows has no flock: there, nothing keeps two runs on one folder apart
+    fcntl = None
+
+_held = []  # the out-dir lock files this process holds open
+
+
+def lock_out_dir(out: Path):
+    """Create OUT/ and hold an exclusive lock on OUT/.lock until release_out_dirs() or the end of
+    the process. The OS drops a flock when its process dies, kill -9 included, so it is never stale;
+    the file stays, naming its last holder. A run that finds the lock held is refused having changed
+    nothing: only the holder writes into the file."""
+    if out.exists() and not out.is_dir():
+        raise CheckpointError(f"--out-dir {out} is a file, not a folder; name a folder (it is created if missing)")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        if fcntl is None:
+            return
+        f = open(out / ".lock", "a+", errors="replace")  # "a+": opening it never truncates the holder's note
+    except OSError as e:
+        raise CheckpointError(f"cannot use --out-dir {out} ({e.strerror or e})") from None
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        f.seek(0)
+        holder = " ".join(f.read(200).split()) or "pid not written yet"
+        f.close()
+        if isinstance(e, BlockingIOError):
+            raise CheckpointError(f"{out} is in use by another train.py ({holder}); wait for it to finish "
+                                  f"or use another --out-dir") from None
+        raise CheckpointError(f"cannot lock {out / '.lock'} ({e.strerror or e})") from None
+    f.truncate(0)  # ours now: say who holds it
+    f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+    f.flush()
+    _held.append(f)
+
+
+def release_out_dirs():
+    """Let go of the out-dirs this process holds (train.main does at its end: in-process callers
+    may run again on the same folder)."""
+    while _held:
+        _held.pop().close()
 
 
 def recover(out: Path):
@@ -92,6 +141,8 @@ def read_training_info(last: Path) -> dict:
     required = {"step", "args", "best_val_loss", "best_step", "elapsed_s", "training_state_sha256"}
     if not isinstance(info, dict) or not required <= info.keys():
         raise CheckpointError(f"{path} lacks {', '.join(sorted(required - set(info or ())))}")
+    if not isinstance(info["args"], dict):
+        raise CheckpointError(f"{path}: args must be an object of flags, got {type(info['args']).__name__}")
     return info
 
 

@@ -338,7 +338,8 @@ def token_bytes(tok) -> np.ndarray | None:
     tok.decode(ids, skip_special_tokens=True) counts them: special tokens (EOS) 0, other added
     tokens their text. None if tok is not a byte-level BPE."""
     backend = getattr(tok, "backend_tokenizer", None)
-    if backend is None or json.loads(backend.to_str()).get("decoder", {}).get("type") != "ByteLevel":
+    decoder = json.loads(backend.to_str()).get("decoder") if backend is not None else None
+    if (decoder or {}).get("type") != "ByteLevel":
         return None
     alphabet = byte_level_alphabet()
     added = tok.added_tokens_decoder

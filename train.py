@@ -4,15 +4,19 @@ Train a Qwen3 from scratch, and keep what it learns.
     python train.py                          # offline, ~10 minutes on a 2-core CPU (embedded corpus)
     python train.py --data smollm            # the upstream corpus from the hub; on a GPU: the seed config
     python train.py --resume                 # continue out/last after Ctrl-C, SIGTERM, a crash or --stop-at
+    python train.py --time-budget 10         # as many steps as fit in ten minutes on this machine
     python train.py --help                   # every flag
     torchrun --standalone --nproc_per_node=8 train.py ...   # data-parallel on 8 GPUs (or CPU processes)
 
 Read it top to bottom:
-    1. Flags          every hyperparameter, with device-dependent defaults; joining a torchrun job
+    1. Flags          every hyperparameter, with its range and device-dependent defaults; joining a
+                      torchrun job; locking the out-dir (one run per folder)
     2. A run          its fixed parts (data, model, optimizers) and its state, saved for --resume
-    3. Evaluation     loss, perplexity and next-token accuracy on fixed windows of each split; best/, last/
+    3. Evaluation     loss, perplexity, accuracy and bits per byte on fixed windows of each split; a
+                      sample, OUT/curves.png; best/, last/
     4. Stopping       Ctrl-C and SIGTERM: save last/ at the end of the step
-    5. The loop       warmup + cosine schedule, gradient accumulation, clipping, bf16 on CUDA
+    5. The loop       warmup + cosine schedule, gradient accumulation, clipping, bf16 on CUDA;
+                      --time-budget: the step count that ends the run on time
 Where the tokens come from, and in which order they are read, is data.py's story; how a checkpoint
 survives a crash is checkpoint.py's.
 
@@ -30,6 +34,7 @@ import os
 import shutil
 import signal
 import sys
+import tempfile
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -41,8 +46,10 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from checkpoint import load_training_state, read_training_info, recover, save_checkpoint
-from data import Batches, DataError, TokenData, default_cache_dir, fixed_starts, prepare_data, windows
+from checkpoint import (load_training_state, lock_out_dir, read_training_info, recover, release_out_dirs,
+                        save_checkpoint)
+from data import (Batches, DataError, TokenData, default_cache_dir, fixed_starts, prepare_data, token_bytes,
+                  windows)
 from qwen3 import PRESETS, CheckpointError, Qwen3, Qwen3Config, configure_optimizers
 
 # %% 1. Flags
@@ -76,10 +83,32 @@ class ArgumentParser(argparse.ArgumentParser):
         sys.exit(2)
 
 
-def positive_int(s):
-    if not s.isdigit() or int(s) < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}")
-    return int(s)
+# Every numeric flag has a range, checked as it is parsed (and, on --resume, on the values the
+# checkpoint holds: see check_saved_flags): a bad value is one line, not a traceback later.
+def checked(kind, ok, expected: str):
+    """An argparse type: the string as a `kind`, refused unless ok(value) (NaN fails every comparison)."""
+    def parse(s: str):
+        try:
+            value = kind(s)
+        except (ValueError, OverflowError):
+            value = None
+        if value is None or not ok(value):
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {s!r}")
+        return value
+    return parse
+
+
+positive_int = checked(int, lambda v: v >= 1, "a positive integer")
+count = checked(int, lambda v: v >= 0, "an integer >= 0")
+seed = checked(int, lambda v: 0 <= v < 2**64, "an integer in [0, 2**64)")  # numpy refuses negatives, torch 2**64
+positive = checked(float, lambda v: 0 < v < math.inf, "a finite number > 0")
+non_negative = checked(float, lambda v: 0 <= v < math.inf, "a finite number >= 0")
+unit = checked(float, lambda v: 0 <= v <= 1, "a number in [0, 1]")
+below_one = checked(float, lambda v: 0 <= v < 1, "a number in [0, 1)")
+open_unit = checked(float, lambda v: 0 < v < 1, "a number in (0, 1)")
+# 1e30 is far past any useful rate, and leaves room under float32's 3.4e38 for Muon's lr x shape scale
+rate = checked(float, lambda v: 0 < v <= 1e30, "a number in (0, 1e30]")
+minutes = checked(float, lambda v: 0 < v <= 525_600, "a number of minutes in (0, 525600] (a year)")
 
 
 def build_parser() -> ArgumentParser:
@@ -103,25 +132,25 @@ def build_parser() -> ArgumentParser:
                    "(default: 2000 for smollm, all otherwise)")
     g.add_argument("--max-tokens", type=positive_int, default=None, help="cut the training split to this many "
                    "tokens (default: 500000 for smollm, all otherwise)")
-    g.add_argument("--val-frac", type=float, default=0.05, help="fraction of documents held out for validation")
-    g.add_argument("--split-seed", type=int, default=0, help="seed of the train/validation document split")
+    g.add_argument("--val-frac", type=open_unit, default=0.05, help="fraction of documents held out for validation")
+    g.add_argument("--split-seed", type=seed, default=0, help="seed of the train/validation document split")
     g.add_argument("--text-field", default="text", help="the text column of .jsonl/.parquet/hub data")
     g.add_argument("--cache-dir", default=str(default_cache_dir()), help="where tokenised data and trained "
                    "tokenizers are cached, shared by all runs")
 
     g = p.add_argument_group("model")
     g.add_argument("--preset", default=None, help=f"model shape: {', '.join(PRESETS)} (default: device)")
-    for flag, kind, what in [("hidden-size", int, "width of the residual stream"),
-                             ("intermediate-size", int, "width of the MLP"),
-                             ("num-hidden-layers", int, "number of blocks"),
-                             ("num-attention-heads", int, "query heads"),
-                             ("num-key-value-heads", int, "key/value heads (GQA)"),
-                             ("head-dim", int, "width of one head"),
-                             ("rope-theta", float, "RoPE base")]:
+    for flag, kind, what in [("hidden-size", positive_int, "width of the residual stream"),
+                             ("intermediate-size", positive_int, "width of the MLP"),
+                             ("num-hidden-layers", positive_int, "number of blocks"),
+                             ("num-attention-heads", positive_int, "query heads"),
+                             ("num-key-value-heads", positive_int, "key/value heads (GQA)"),
+                             ("head-dim", positive_int, "width of one head"),
+                             ("rope-theta", positive, "RoPE base")]:
         g.add_argument(f"--{flag}", type=kind, default=None, help=f"{what} (default: the preset's)")
     g.add_argument("--tie-word-embeddings", action=argparse.BooleanOptionalAction, default=None,
                    help="share the embedding and output matrices (default: the preset's)")
-    g.add_argument("--dropout", type=float, default=None, help="dropout on attention and residual branches "
+    g.add_argument("--dropout", type=below_one, default=None, help="dropout on attention and residual branches "
                    "(default: device, 0 on CPU, 0.1 on GPU)")
 
     g = p.add_argument_group("training")
@@ -133,24 +162,29 @@ def build_parser() -> ArgumentParser:
     g.add_argument("--max-steps", type=positive_int, default=None, help="optimizer steps; the LR schedule ends "
                    "here. With --resume, a larger value stretches the remaining schedule (default: device)")
     g.add_argument("--optimizer", default="muon", help="muon (Muon for hidden matrices + AdamW) or adamw")
-    g.add_argument("--lr", type=float, default=3e-3, help="peak AdamW learning rate")
-    g.add_argument("--muon-lr", type=float, default=0.02, help="peak Muon learning rate")
-    g.add_argument("--betas", type=float, nargs=2, default=[0.9, 0.95], help="AdamW betas")
-    g.add_argument("--adam-eps", type=float, default=1e-8, help="AdamW epsilon")
-    g.add_argument("--weight-decay", type=float, default=0.1, help="decoupled weight decay on matrices")
-    g.add_argument("--warmup-frac", type=float, default=0.05, help="linear warmup, as a fraction of --max-steps")
-    g.add_argument("--min-lr-frac", type=float, default=0.1, help="the cosine decays to this fraction of the peak")
-    g.add_argument("--grad-clip", type=float, default=1.0, help="clip the global gradient norm (0: off)")
-    g.add_argument("--seed", type=int, default=1337, help="seed of the initial weights, dropout and data order")
+    g.add_argument("--lr", type=rate, default=3e-3, help="peak AdamW learning rate")
+    g.add_argument("--muon-lr", type=rate, default=0.02, help="peak Muon learning rate")
+    g.add_argument("--betas", type=below_one, nargs=2, default=[0.9, 0.95], help="AdamW betas")
+    g.add_argument("--adam-eps", type=positive, default=1e-8, help="AdamW epsilon")
+    g.add_argument("--weight-decay", type=non_negative, default=0.1, help="decoupled weight decay on matrices")
+    g.add_argument("--warmup-frac", type=unit, default=0.05, help="linear warmup, as a fraction of --max-steps")
+    g.add_argument("--min-lr-frac", type=unit, default=0.1, help="the cosine decays to this fraction of the peak")
+    g.add_argument("--grad-clip", type=non_negative, default=1.0, help="clip the global gradient norm (0: off)")
+    g.add_argument("--seed", type=seed, default=1337, help="seed of the initial weights, dropout and data order")
+    g.add_argument("--time-budget", type=minutes, default=None, metavar="MINUTES", help="choose --max-steps so "
+                   "that the whole run (setup, steps, evaluations, saves) ends within this many minutes on this "
+                   "machine, timed on a copy of the run first; the choice is saved, so --resume keeps it")
 
     g = p.add_argument_group("evaluation and checkpoints")
     g.add_argument("--eval-every", type=positive_int, default=None, help="evaluate (and save last/) every N "
                    "steps (default: device)")
     g.add_argument("--eval-batches", type=positive_int, default=None, help="batches of each split per "
                    "evaluation (default: device)")
-    g.add_argument("--sample-tokens", type=int, default=80, help="tokens to sample at the end (0: none)")
+    g.add_argument("--sample-tokens", type=count, default=80, help="tokens to sample at the end (0: none)")
+    g.add_argument("--eval-sample-tokens", type=count, default=32, help="tokens to sample at every evaluation, "
+                   "from the same start and seed each time, printed and kept in metrics.jsonl (0: none)")
     g.add_argument("--out-dir", default="out", help="checkpoints (best/, last/) and metrics.jsonl go here")
-    g.add_argument("--save-every", type=int, default=0, help="also save last/ every N steps (0: only at "
+    g.add_argument("--save-every", type=count, default=0, help="also save last/ every N steps (0: only at "
                    "evaluations, on interruption and at the end)")
     g.add_argument("--resume", action="store_true", help="continue from OUT/last with its flags; flags given "
                    "now override them")
@@ -226,6 +260,22 @@ def all_ranks(values: list[float], device, op=dist.ReduceOp.SUM) -> list[float]:
     return t.tolist()
 
 
+def check_saved_flags(parser: ArgumentParser, saved: dict, path: Path):
+    """argparse checks the flags typed now, not (non-string) defaults: put the flags a checkpoint
+    holds through the same checks before they become the defaults."""
+    for action in parser._actions:
+        value = saved.get(action.dest)
+        if action.type is None or value is None:
+            continue
+        try:
+            if action.nargs is not None and not (isinstance(value, list) and len(value) == action.nargs):
+                raise argparse.ArgumentTypeError(f"expected {action.nargs} values, got {value!r}")
+            for v in value if action.nargs is not None else [value]:
+                action.type(str(v))  # str() of a number reads back exactly
+        except argparse.ArgumentTypeError as e:
+            raise CheckpointError(f"{path} holds a bad {action.option_strings[0]}: {e}") from None
+
+
 def parse_args(argv=None):
     """Flags -> (args, device, the checkpoint's training_state.json when resuming, else None).
     Under torchrun, also joins the job: the device depends on the rank."""
@@ -233,14 +283,23 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     device = init_distributed(resolve_device(args.device))  # --device is a session flag: not from a checkpoint
     rank, world = rank_and_world()
-    if rank == 0:
-        recover(Path(args.out_dir))
-    if world > 1:
-        dist.barrier()  # the others read last/ once rank 0 has made it whole
+    out, problem = Path(args.out_dir), None
+    if rank == 0:  # before anything in OUT/ is touched: make it this run's alone, then finish a save cut short
+        try:
+            lock_out_dir(out)
+            recover(out)
+        except (CheckpointError, OSError) as e:
+            problem = str(e)
+    # Decided together (rank 0 alone stopping would leave the others waiting); this also holds
+    # the other ranks back until last/ is whole.
+    if all_ranks([problem is not None], device)[0]:
+        raise TrainError(problem or f"rank 0 could not take --out-dir {out} (its error says why)")
     info = None
     if args.resume:
-        info = read_training_info(Path(args.out_dir) / "last")
-        parser.set_defaults(**{k: v for k, v in info["args"].items() if k not in SESSION_FLAGS})
+        info = read_training_info(out / "last")
+        saved = {k: v for k, v in info["args"].items() if k not in SESSION_FLAGS}
+        check_saved_flags(parser, saved, out / "last" / "training_state.json")
+        parser.set_defaults(**saved)
         args = parser.parse_args(argv)  # the checkpoint's flags, overridden by those given now
     for k, v in DEVICE_DEFAULTS["cpu" if device.type == "cpu" else "gpu"].items():
         if getattr(args, k) is None:
@@ -251,8 +310,6 @@ def parse_args(argv=None):
         raise TrainError(f"unknown --dtype {args.dtype!r}; choose auto, float32 or bfloat16")
     if args.optimizer not in ("muon", "adamw"):
         raise TrainError(f"unknown --optimizer {args.optimizer!r}; choose muon or adamw")
-    if not 0 < args.val_frac < 1:
-        raise TrainError(f"--val-frac must be between 0 and 1, got {args.val_frac}")
     # The global batch stays what the flags say: the processes share the micro-batches of a step,
     # or, without accumulation, the sequences of the one micro-batch.
     if args.grad_accum > 1 and args.grad_accum % world:
@@ -312,6 +369,7 @@ class RunState:
     best_val_loss: float | None = None  # the lowest validation loss so far, at best_step: what best/ holds
     best_step: int | None = None
     elapsed_s: float = 0.0  # training time, over all sessions
+    steps_s: float = 0.0  # the part of it spent in optimizer steps (not evaluating or saving)
     saved_at: int | None = None  # the step last/ holds (not saved: a resumed run's is its step)
 
 
@@ -326,6 +384,7 @@ class Run:
     batches: Batches  # the training order
     train_eval: np.ndarray  # the fixed windows each evaluation scores
     val_eval: np.ndarray
+    eval_bytes: dict  # {"train": n, "val": n}: the UTF-8 bytes their scored targets stand for
     model: Qwen3
     net: torch.nn.Module  # what runs forward passes: the model, compiled with --compile ...
     train_net: torch.nn.Module  # ... and for training, under torchrun, wrapped in DDP
@@ -350,8 +409,13 @@ class Run:
     def schedule(self) -> tuple:  # lr_multiplier's arguments after the step
         return self.args.max_steps, self.args.warmup_frac, self.args.min_lr_frac
 
+    def bits_per_byte(self, loss: float, split: str) -> float:
+        """An evaluation's mean loss (nats per token) on `split` as bits per byte (section 3)."""
+        targets = len(self.train_eval if split == "train" else self.val_eval) * self.args.seq_len
+        return loss * targets / math.log(2) / self.eval_bytes[split]
 
-def setup(args, device: torch.device, info: dict | None) -> Run:
+
+def setup(args, device: torch.device, info: dict | None, log=say) -> Run:
     """The data, the model (last/'s weights with --resume), its optimizers, and the share of each
     step this rank trains on."""
     rank, world = rank_and_world()
@@ -364,7 +428,7 @@ def setup(args, device: torch.device, info: dict | None) -> Run:
     data = prepare_data(args.data, str(last) if info else args.tokenizer, vocab_size=args.vocab_size,
                         max_docs=args.max_docs, max_tokens=args.max_tokens, val_frac=args.val_frac,
                         split_seed=args.split_seed, text_field=args.text_field, cache_dir=args.cache_dir,
-                        log=say)
+                        log=log)
     if local_rank == 0 and world > 1:
         dist.barrier()
     sizes = [len(data.train), len(data.val), len(data.tokenizer)]
@@ -382,6 +446,12 @@ def setup(args, device: torch.device, info: dict | None) -> Run:
     eval_count = args.eval_batches * args.batch_size
     train_eval = fixed_starts(data.train, args.seq_len, eval_count)
     val_eval = fixed_starts(data.val, args.seq_len, eval_count)
+    table = token_bytes(data.tokenizer)
+    if table is None:
+        log(f"bits per byte: {type(data.tokenizer).__name__} is not a byte-level BPE; counting the bytes of "
+            f"each evaluation window's decoded targets instead (exact except where a window cuts a character)")
+    eval_bytes = {split: target_bytes(tokens, starts, args.seq_len, data.tokenizer, table)
+                  for split, tokens, starts in (("train", data.train, train_eval), ("val", data.val, val_eval))}
 
     torch.manual_seed(args.seed)
     model = Qwen3(model_config(args, data.tokenizer))
@@ -402,7 +472,7 @@ def setup(args, device: torch.device, info: dict | None) -> Run:
         batch, accum = args.batch_size, args.grad_accum // world
     autocast = torch.autocast(device.type, torch.bfloat16) if args.dtype == "bfloat16" else nullcontext()
     return Run(args=args, device=device, rank=rank, world=world, data=data, batches=batches, train_eval=train_eval,
-               val_eval=val_eval, model=model, net=net, train_net=train_net, optimizers=optimizers,
+               val_eval=val_eval, eval_bytes=eval_bytes, model=model, net=net, train_net=train_net, optimizers=optimizers,
                autocast=autocast, batch=batch, accum=accum)
 
 
@@ -421,7 +491,8 @@ def resume(run: Run, info: dict) -> RunState:
     except (ValueError, KeyError, TypeError, RuntimeError) as e:
         raise TrainError(f"{run.last / 'training_state.pt'} does not fit this run (was --optimizer changed?): "
                          f"{' '.join(str(e).split())[:200]}") from None
-    return RunState(info["step"], info["best_val_loss"], info["best_step"], info["elapsed_s"], saved_at=info["step"])
+    return RunState(info["step"], info["best_val_loss"], info["best_step"], info["elapsed_s"],
+                    info.get("steps_s", 0.0), saved_at=info["step"])  # .get: checkpoints from before steps_s
 
 
 def save_last(run: Run, state: RunState):
@@ -434,20 +505,20 @@ def save_last(run: Run, state: RunState):
             training["rng_cuda"] = torch.cuda.get_rng_state(run.device)
         info = dict(step=state.step, max_steps=args.max_steps,
                     samples_seen=state.step * args.batch_size * args.grad_accum, best_val_loss=state.best_val_loss,
-                    best_step=state.best_step, elapsed_s=state.elapsed_s,
+                    best_step=state.best_step, elapsed_s=state.elapsed_s, steps_s=state.steps_s,
                     data_key=run.data.key, args={k: v for k, v in vars(args).items() if k not in SESSION_FLAGS})
         save_checkpoint(run.out, "last", run.model, run.data.tokenizer, training, info)
     state.saved_at = state.step
 
 
 def open_out_dir(run: Run, state: RunState, resuming: bool):
-    """--overwrite deletes the old checkpoints; a resumed metrics.jsonl goes on from its step."""
+    """--overwrite deletes the old checkpoints; a resumed metrics.jsonl goes on from its step. (OUT/
+    exists: parse_args made it and holds its lock.)"""
     if run.rank > 0:
         return
     if run.args.overwrite and not resuming:
         for name in ("best", "last"):
             shutil.rmtree(run.out / name, ignore_errors=True)
-    run.out.mkdir(parents=True, exist_ok=True)
     metrics = run.out / "metrics.jsonl"
     kept = [r for r in read_metrics(metrics) if r["step"] <= state.step] if resuming else []
     metrics.write_text("".join(json.dumps(r) + "\n" for r in kept))
@@ -476,8 +547,20 @@ def describe(run: Run, state: RunState, resuming: bool):
 # numbers are comparable across evaluations and the train/validation gap measures memorisation.
 # Perplexity is exp(validation loss); accuracy is the fraction of next tokens predicted by argmax.
 # Under torchrun each rank scores every world-th batch and the sums are added up across ranks.
-# Every --eval-every steps (and at the end) the scores are logged, a new best validation loss
-# replaces best/, and last/ is saved; --save-every saves last/ more often.
+#
+# Loss per token depends on the tokenizer (a bigger vocabulary packs more text into each token),
+# so it cannot compare runs with different vocabularies; bits per byte can: the summed loss of
+# every scored target, in bits, divided by the UTF-8 bytes those targets stand for. EOS targets
+# count in the sum (predicting where a document ends is part of the task) and stand for 0 bytes.
+# The windows are fixed, so each split's byte count is counted once, at setup: from a table of
+# bytes per token id for a byte-level BPE (data.token_bytes), else by decoding each window's
+# targets. (Gao et al. 2020, "The Pile: An 800GB Dataset of Diverse Text for Language Modeling",
+# compare models across tokenizers this way.)
+#
+# Every --eval-every steps (and at the end) the scores are logged, with a short sample from the
+# same start (an empty document) and seed each time, so the text can be watched turning from
+# noise into words; OUT/curves.png is redrawn; a new best validation loss replaces best/, and
+# last/ is saved; --save-every saves last/ more often.
 
 
 @torch.no_grad()
@@ -497,10 +580,25 @@ def evaluate(model, tokens, starts, args, device, autocast) -> tuple[float, floa
     return loss_sum / count, correct / count
 
 
+def perplexity(loss: float) -> float:
+    """exp(loss), or inf past the largest float (a diverged run)."""
+    return math.exp(loss) if loss < 709 else math.inf
+
+
+def target_bytes(tokens, starts, seq_len: int, tokenizer, table) -> int:
+    """The UTF-8 bytes that the targets of the windows at `starts` stand for."""
+    targets = windows(tokens, starts, seq_len)[1]  # (len(starts), seq_len)
+    if table is not None:
+        return int(table[targets].sum())
+    return sum(len(tokenizer.decode(t, skip_special_tokens=True).encode()) for t in targets)
+
+
 def log_eval(out: Path, record: dict, write):
-    write(f"step {record['step']:>5} | epoch {record['epoch']:.2f} | train loss {record['train_loss']:.4f} | "
-          f"val loss {record['val_loss']:.4f} | ppl {record['val_ppl']:.2f} | acc {record['val_acc']:.3f} | "
-          f"{record['elapsed_s'] / 60:.1f} min")
+    write(f"step {record['step']:>5} | epoch {record['epoch']:.2f} | train loss {record['train_loss']:.4f} "
+          f"({record['train_bpb']:.3f} bpb) | val loss {record['val_loss']:.4f} ({record['val_bpb']:.3f} bpb) | "
+          f"ppl {record['val_ppl']:.2f} | acc {record['val_acc']:.3f} | {record['elapsed_s'] / 60:.1f} min")
+    if "sample" in record:
+        write(f"  sample: {record['sample']!r}")
     with open(out / "metrics.jsonl", "a") as f:
         f.write(json.dumps(record) + "\n")
 
@@ -516,12 +614,54 @@ def read_metrics(path: Path) -> list[dict]:
 
 
 def sample(model, tokenizer, n: int, device, seed: int) -> str:
-    """A short continuation of an empty document (the EOS separator), to see what the model writes."""
+    """A short continuation of an empty document (the EOS separator), to see what the model writes.
+    Its own random generator: training's random stream is left as it was."""
+    training = model.training
     model.eval()
     idx = torch.tensor([[tokenizer.eos_token_id]], device=device)
     out = model.generate(idx, n, temperature=0.8, top_k=50, eos_token_id=tokenizer.eos_token_id,
                          generator=torch.Generator(device).manual_seed(seed))
+    model.train(training)
     return tokenizer.decode(out[0, 1:], skip_special_tokens=True)
+
+
+X_LABELS = {"step": "optimizer steps", "epoch": "epochs", "elapsed_s": "seconds of training"}
+
+
+def plot_curves(runs: dict[str, list[dict]], path: Path, x: str = "step", title: str | None = None):
+    """Train (dashed) and validation (solid) loss, and bits per byte if every record has it, of
+    each run {label: its metrics records} against `x`, the best validation point marked. One run
+    against steps also gets elapsed minutes on the top axis. The PNG is written under a temporary
+    name and renamed: a viewer never sees half of it."""
+    from matplotlib.figure import Figure  # not pyplot: no window backend, no global figures to close
+    panels = [("loss", "nats per token")]
+    if all("val_bpb" in r for records in runs.values() for r in records):
+        panels.append(("bpb", "bits per byte"))
+    fig = Figure(figsize=(6 * len(panels), 4.5), layout="constrained")
+    for ax, (key, unit) in zip(fig.subplots(1, len(panels), squeeze=False)[0], panels):
+        for label, records in runs.items():
+            xs = [r[x] for r in records]
+            line, = ax.plot(xs, [r[f"val_{key}"] for r in records], "-", label=f"{label} validation".strip())
+            ax.plot(xs, [r[f"train_{key}"] for r in records], "--", color=line.get_color(),
+                    label=f"{label} train".strip())
+            best = min(records, key=lambda r: r["val_loss"])
+            ax.plot(best[x], best[f"val_{key}"], "o", color=line.get_color())
+            ax.annotate(f"best {best[f'val_{key}']:.3f} (step {best['step']})", (best[x], best[f"val_{key}"]),
+                        textcoords="offset points", xytext=(0, 8), ha="right", fontsize=8)
+        ax.set_xlabel(X_LABELS[x])
+        ax.set_ylabel(f"{key} ({unit})")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        if x == "step" and len(runs) == 1:  # the minutes at some of the evaluations, above their steps
+            ticks = records[::-(-len(records) // 6)]
+            top = ax.secondary_xaxis("top")
+            top.set_xticks([r["step"] for r in ticks], labels=[f"{r['elapsed_s'] / 60:.1f}" for r in ticks])
+            top.set_xlabel("minutes of training")
+    if title:
+        fig.suptitle(title)
+    tmp = path.with_name(f".{path.name}.tmp")
+    fig.savefig(tmp, format="png", dpi=110)
+    os.replace(tmp, path)
 
 
 def evaluate_and_save(run: Run, state: RunState, write):
@@ -534,10 +674,20 @@ def evaluate_and_save(run: Run, state: RunState, write):
         val_loss, val_acc = evaluate(run.net, run.data.val, run.val_eval, args, run.device, run.autocast)
         if run.rank == 0:
             lr = run.optimizers[0].param_groups[0]["base_lr"] * lr_multiplier(step, *run.schedule)
-            log_eval(run.out, dict(step=step, epoch=run.batches.epochs(step * args.batch_size * args.grad_accum),
-                                   tokens=step * run.tokens_per_step, train_loss=train_loss, val_loss=val_loss,
-                                   val_ppl=math.exp(val_loss), val_acc=val_acc, lr=lr, elapsed_s=state.elapsed_s),
-                     write)
+            record = dict(step=step, epoch=run.batches.epochs(step * args.batch_size * args.grad_accum),
+                          tokens=step * run.tokens_per_step, train_loss=train_loss, val_loss=val_loss,
+                          train_bpb=run.bits_per_byte(train_loss, "train"), val_bpb=run.bits_per_byte(val_loss, "val"),
+                          val_ppl=perplexity(val_loss), val_acc=val_acc, lr=lr, elapsed_s=state.elapsed_s,
+                          steps_s=state.steps_s)
+            if args.eval_sample_tokens > 0:
+                record["sample"] = sample(run.model, run.data.tokenizer, args.eval_sample_tokens, run.device,
+                                          args.seed)
+            log_eval(run.out, record, write)
+            try:
+                plot_curves({"": read_metrics(run.out / "metrics.jsonl")}, run.out / "curves.png")
+            except Exception as e:  # a picture is never worth the run
+                write(f"warning: {run.out / 'curves.png'} not updated ({type(e).__name__}: "
+                      f"{' '.join(str(e).split())[:200]})")
         if step > 0 and (state.best_val_loss is None or val_loss < state.best_val_loss):
             state.best_val_loss, state.best_step = val_loss, step
             if run.rank == 0:
@@ -591,6 +741,13 @@ class StopRequest:
 # the step (no_sync skips the others), so every rank ends up holding the single-process mean
 # gradient. Clipping then sees the global norm, and the optimizers take identical steps
 # (Muon splits its Newton-Schulz work across ranks, see qwen3.py).
+#
+# --time-budget turns minutes into --max-steps before the first step, since the schedule (its
+# warmup too) depends on it: a throwaway copy of the run, built the same way and writing to a
+# temporary folder, takes a few real steps and one evaluation with its saves, and the step count
+# that fits what is left of the budget is fixed. The run itself is untouched by this (its random
+# stream is put back), and the count is saved with its flags: the run is the `--max-steps N` run,
+# and --resume continues it exactly, without timing anything again.
 
 
 def lr_multiplier(step: int, max_steps: int, warmup_frac: float, min_lr_frac: float) -> float:
@@ -601,25 +758,106 @@ def lr_multiplier(step: int, max_steps: int, warmup_frac: float, min_lr_frac: fl
     return min_lr_frac + (1 - min_lr_frac) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def train(args, device: torch.device, info: dict | None) -> int:
+def train_step(run: Run, state: RunState) -> float:
+    """One optimizer step, from state.step to state.step + 1; returns the global batch's mean loss."""
+    args, step, world = run.args, state.step, run.world
+    for opt in run.optimizers:
+        for group in opt.param_groups:
+            group["lr"] = group["base_lr"] * lr_multiplier(step, *run.schedule)
+    loss_sum = 0.0
+    for micro in range(run.accum):
+        first = (step * args.grad_accum * args.batch_size  # global sample number: the step's first,
+                 + run.rank * run.accum * run.batch + micro * run.batch)  # this rank's share, this micro-batch
+        x, y = windows(run.data.train, run.batches.starts(np.arange(first, first + run.batch)), args.seq_len)
+        x, y = (torch.from_numpy(a).to(run.device, non_blocking=True) for a in (x, y))
+        with run.train_net.no_sync() if world > 1 and micro < run.accum - 1 else nullcontext():  # sync once
+            with run.autocast:
+                _, loss = run.train_net(x, y, return_logits=False)  # no full logits (qwen3.py, A1)
+            (loss / run.accum).backward()
+        loss_sum += loss.detach()
+    loss_value = all_ranks([(loss_sum / run.accum).item()], run.device)[0] / world  # the global batch's mean
+    if not math.isfinite(loss_value):  # the same value on every rank: all stop here together
+        kept = f"{run.last} (step {state.saved_at})" if state.saved_at is not None else None
+        raise TrainError(f"loss is {loss_value} at step {step + 1}; stopped. "
+                         f"Last good checkpoint: {kept or 'none, nothing was saved yet'}")
+    if args.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(run.model.parameters(), args.grad_clip)
+    for opt in run.optimizers:
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    state.step += 1
+    return loss_value
+
+
+PROBE_STEPS = 4  # the first includes one-off costs (allocation, compilation): timed apart
+
+
+def fit_time_budget(run: Run, started: float) -> int:
+    """--time-budget: the largest --max-steps whose run, begun at `started` (perf_counter), ends on time."""
+    args, quiet = run.args, lambda *a, **k: None
+    rng = torch.get_rng_state(), torch.cuda.get_rng_state(run.device) if run.device.type == "cuda" else None
+    with tempfile.TemporaryDirectory(prefix="qwen3-budget-") as tmp:
+        probe = setup(argparse.Namespace(**{**vars(args), "max_steps": PROBE_STEPS, "out_dir": tmp}), run.device,
+                      None, log=quiet)
+        state = RunState()
+        open_out_dir(probe, state, resuming=False)
+        times = []
+        for _ in range(PROBE_STEPS):
+            t0 = time.perf_counter()
+            train_step(probe, state)
+            times.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        evaluate_and_save(probe, state, quiet)  # the last step: scores, sample, curves, best/ and last/
+        t_eval = time.perf_counter() - t0
+        if args.sample_tokens > 0 and run.rank == 0:  # the end's sample
+            sample(probe.model, probe.data.tokenizer, args.sample_tokens, run.device, args.seed)
+        t_end = time.perf_counter() - t0 - t_eval
+        del probe
+    torch.set_rng_state(rng[0])
+    if rng[1] is not None:
+        torch.cuda.set_rng_state(rng[1], run.device)
+    t_step = sum(times[1:]) / (PROBE_STEPS - 1)
+    # what is left, less the end's sample and the one-off costs of the run's own first step
+    left = args.time_budget * 60 - (time.perf_counter() - started) - t_end - (times[0] - t_step)
+
+    def cost(n):  # n steps, evaluations at 0, every eval_every and at n
+        return n * t_step + (1 + math.ceil(n / args.eval_every)) * t_eval
+
+    n = max(0, int((left - 2 * t_eval) / (t_step + t_eval / args.eval_every)))
+    while cost(n + 1) <= left:
+        n += 1
+    n = int(all_ranks([n], run.device, dist.ReduceOp.MIN)[0])  # the slowest rank decides
+    evals = 1 + math.ceil(n / args.eval_every)
+    if n < 1:
+        raise TrainError(f"--time-budget {args.time_budget:g} min is too short: setting up took "
+                         f"{time.perf_counter() - started:.0f} s, a step takes {t_step:.3g} s and an "
+                         f"evaluation {t_eval:.3g} s")
+    say(f"budget {args.time_budget:g} min: {n} steps of {t_step:.3g} s, {evals} evaluations of {t_eval:.3g} s "
+        f"(with saves), {time.perf_counter() - started:.0f} s of setup and timing")
+    return n
+
+
+def train(args, device: torch.device, info: dict | None, started: float | None = None) -> int:
+    started = time.perf_counter() if started is None else started
     check_out_dir(Path(args.out_dir), model_config(args), resuming=info is not None, overwrite=args.overwrite)
     if info is not None and info["step"] >= args.max_steps:
         say(f"{Path(args.out_dir) / 'last'} is at step {info['step']}, which already reaches --max-steps "
             f"{args.max_steps}; nothing to do (pass a larger --max-steps to train further)")
         return 0
     run = setup(args, device, info)
+    if args.time_budget is not None and info is None:
+        args.max_steps = fit_time_budget(run, started)  # saved with the flags: --resume keeps it
     state = resume(run, info) if info is not None else RunState()
     if run.rank > 0:  # dropout: other ranks draw masks of their own (rank 0 keeps the checkpointed stream)
         torch.manual_seed(int(np.random.SeedSequence([args.seed, run.rank, state.step]).generate_state(1)[0]))
     open_out_dir(run, state, resuming=info is not None)
     describe(run, state, resuming=info is not None)
-    model, optimizers, world = run.model, run.optimizers, run.world
 
     with (tqdm(total=args.max_steps, initial=state.step, disable=None if run.rank == 0 else True,
                dynamic_ncols=True, unit="step") as bar,
           StopRequest(run.last, bar.write if run.rank == 0 else lambda s: None) as stop):
         start_time, start_elapsed = time.perf_counter(), state.elapsed_s
-        model.train()
+        run.model.train()
         while True:
             state.elapsed_s = start_elapsed + time.perf_counter() - start_time
             if state.step != state.saved_at:
@@ -634,50 +872,27 @@ def train(args, device: torch.device, info: dict | None) -> int:
                 stop.write(f"stopped at step {state.step} ({why}); {run.last} saved, continue with --resume")
                 return 128 + signum if signum else 0
 
-            # one optimizer step
             t0 = time.perf_counter()
-            for opt in optimizers:
-                for group in opt.param_groups:
-                    group["lr"] = group["base_lr"] * lr_multiplier(state.step, *run.schedule)
-            loss_sum = 0.0
-            for micro in range(run.accum):
-                first = (state.step * args.grad_accum * args.batch_size  # global sample number: the step's first,
-                         + run.rank * run.accum * run.batch + micro * run.batch)  # this rank's share, this micro-batch
-                x, y = windows(run.data.train, run.batches.starts(np.arange(first, first + run.batch)), args.seq_len)
-                x, y = (torch.from_numpy(a).to(device, non_blocking=True) for a in (x, y))
-                with run.train_net.no_sync() if world > 1 and micro < run.accum - 1 else nullcontext():  # sync once
-                    with run.autocast:
-                        _, loss = run.train_net(x, y, return_logits=False)  # no full logits (qwen3.py, A1)
-                    (loss / run.accum).backward()
-                loss_sum += loss.detach()
-            loss_value = all_ranks([(loss_sum / run.accum).item()], device)[0] / world  # the global batch's mean
-            if not math.isfinite(loss_value):  # the same value on every rank: all stop here together
-                kept = f"{run.last} (step {state.saved_at})" if state.saved_at is not None else None
-                raise TrainError(f"loss is {loss_value} at step {state.step + 1}; stopped. "
-                                 f"Last good checkpoint: {kept or 'none, nothing was saved yet'}")
-            if args.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-            for opt in optimizers:
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-            state.step += 1
+            loss_value = train_step(run, state)
+            state.steps_s += time.perf_counter() - t0
             bar.update(1)
-            bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{optimizers[0].param_groups[0]['lr']:.2e}",
+            bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{run.optimizers[0].param_groups[0]['lr']:.2e}",
                             tok_s=f"{run.tokens_per_step / (time.perf_counter() - t0):,.0f}")
 
     if args.sample_tokens > 0 and run.rank == 0:
-        print(f"sample: {sample(model, run.data.tokenizer, args.sample_tokens, device, args.seed)!r}")
+        print(f"sample: {sample(run.model, run.data.tokenizer, args.sample_tokens, device, args.seed)!r}")
     if state.best_step is not None:
-        say(f"done: best val loss {state.best_val_loss:.4f} (ppl {math.exp(state.best_val_loss):.2f}) at step "
-            f"{state.best_step} in {run.out / 'best'}; {run.last} is step {state.step}; "
-            f"{state.elapsed_s / 60:.1f} min of training")
+        say(f"done: best val loss {state.best_val_loss:.4f} (ppl {perplexity(state.best_val_loss):.2f}, "
+            f"{run.bits_per_byte(state.best_val_loss, 'val'):.3f} bits per byte) at step {state.best_step} in "
+            f"{run.out / 'best'}; {run.last} is step {state.step}; {state.elapsed_s / 60:.1f} min of training")
     return 0
 
 
 def main(argv=None) -> int:
+    started = time.perf_counter()  # --time-budget counts from here
     try:
         args, device, info = parse_args(argv)
-        return train(args, device, info)
+        return train(args, device, info, started)
     except (TrainError, DataError, CheckpointError, OSError) as e:  # OSError: e.g. an unwritable folder
         print(f"error: {e}", file=sys.stderr)  # on every rank: some errors are one rank's alone
         return 1
@@ -685,6 +900,7 @@ def main(argv=None) -> int:
         print("interrupted; nothing saved", file=sys.stderr)
         return 130
     finally:
+        release_out_dirs()
         if dist.is_initialized():
             dist.destroy_process_group()
 

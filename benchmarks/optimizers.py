@@ -1,14 +1,23 @@
 """
-Muon's head start over AdamW, measured: train the same model on the same data with each optimizer
-over a small learning-rate sweep, then plot validation loss against steps and against seconds.
+Muon against AdamW, measured: the same model, data, initial weights, batches and steps for every
+run (train.py's defaults for the device, seed 1337), each optimizer over three peak learning rates.
 
-    python benchmarks/optimizers.py                          # seed config on a GPU (~2 epochs)
-    python benchmarks/optimizers.py --device cpu --preset cpu --max-steps 60 --batch-size 8 --seq-len 128
+    python benchmarks/optimizers.py                 # CPU, the default `python train.py` setup: ~1 hour
+    python benchmarks/optimizers.py --max-steps 6 --eval-every 3 --work-dir /tmp/opt --out /tmp/opt/optimizers
+    python benchmarks/optimizers.py --device cuda --out benchmarks/results/optimizers-gpu
 
-Each run is a plain `train.py` run (its metrics.jsonl has step, elapsed seconds and val loss).
-Fairness: both optimizers get the same steps, data order, schedule and sweep size; AdamW's target
-is its best final validation loss over its sweep, and for every Muon run we report the fraction of
-AdamW's steps and wall time it needed to reach that loss. Writes a PNG and a JSON next to it.
+Sweeps: AdamW --lr 1e-3, 3e-3, 1e-2 (AdamW everywhere); Muon --muon-lr 0.01, 0.02, 0.04 for the
+hidden matrices, with the AdamW part (embeddings, head, gains) at train.py's --lr 3e-3. The
+target is the best AdamW run's final validation loss; for every run the table gives its final
+validation loss and bits per byte, its time per optimizer step (evaluations excluded), and when
+it first reaches the target, interpolated linearly between evaluations, in steps, wall seconds
+(evaluations included, the same for every run) and seconds of optimizer steps, with the ratio to
+the best AdamW run's. Writes OUT.json (the flags, the table and every run's metrics), OUT.png
+(validation loss and bits per byte against steps and seconds) and OUT.md (the table).
+
+Each run is a plain train.py run in WORK_DIR/OPTIMIZER-LR. A run that already finished is read
+back, one cut short (Ctrl-C, a crash) is continued with --resume, so an interrupted sweep picks
+up where it was. Run it alone: the timings are only as quiet as the machine.
 """
 
 import argparse
@@ -18,93 +27,125 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
 
 
-def parse_args():
+def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="cuda", help="cuda or cpu")
-    p.add_argument("--preset", default="seed", help="model shape (a qwen3.PRESETS name)")
-    p.add_argument("--batch-size", type=int, default=24)
-    p.add_argument("--seq-len", type=int, default=512)
-    p.add_argument("--max-steps", type=int, default=184, help="184 steps of 24x512 is ~2 epochs of the embedded corpus")
-    p.add_argument("--eval-every", type=int, default=8)
-    p.add_argument("--adamw-lrs", default="1e-3,3e-3,6e-3", help="AdamW learning rates to sweep")
-    p.add_argument("--muon-lrs", default="0.01,0.02,0.04", help="Muon learning rates to sweep (AdamW part: --lr 3e-3)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda: train.py's defaults for that device")
+    p.add_argument("--max-steps", type=int, default=None, help="steps of every run (default: train.py's)")
+    p.add_argument("--eval-every", type=int, default=None, help="evaluate every N steps (default: train.py's)")
+    p.add_argument("--adamw-lrs", default="1e-3,3e-3,1e-2", help="AdamW peak learning rates")
+    p.add_argument("--muon-lrs", default="0.01,0.02,0.04", help="Muon peak learning rates (AdamW part: --lr 3e-3)")
     p.add_argument("--extra", default="", help="more train.py flags for every run, e.g. '--compile'")
-    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "optimizers"), help="output prefix")
-    return p.parse_args()
+    p.add_argument("--work-dir", default=str(ROOT / "out-optimizers"), help="the runs' out-dirs go here")
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "optimizers-cpu"),
+                   help="prefix of the .json, .png and .md written")
+    return p.parse_args(argv)
 
 
-def run(args, optimizer, lr, run_dir):
-    lr_flags = ["--lr", lr] if optimizer == "adamw" else ["--muon-lr", lr]
-    cmd = [sys.executable, str(ROOT / "train.py"), "--data", "embedded", "--preset", args.preset,
-           "--device", args.device, "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len),
-           "--max-steps", str(args.max_steps), "--eval-every", str(args.eval_every), "--optimizer", optimizer,
-           *lr_flags, "--out-dir", str(run_dir), "--overwrite", "--sample-tokens", "0", *args.extra.split()]
-    print(" ".join(cmd), flush=True)
-    subprocess.run(cmd, check=True)
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    return [json.loads(line) for line in lines if line.strip()]
+def run(args, optimizer: str, lr: str) -> list[dict]:
+    """One train.py run (or what is left of it); its metrics records."""
+    import train
+    out = Path(args.work_dir) / f"{optimizer}-{lr}"
+    flags = ["--data", "embedded", "--device", args.device, "--optimizer", optimizer,
+             "--lr" if optimizer == "adamw" else "--muon-lr", lr, "--sample-tokens", "0", *args.extra.split()]
+    for flag, value in (("--max-steps", args.max_steps), ("--eval-every", args.eval_every)):
+        if value is not None:
+            flags += [flag, str(value)]
+    info_path, marker = out / "last" / "training_state.json", out / "benchmark-flags.json"
+    info = json.loads(info_path.read_text()) if info_path.is_file() else None
+    if info is None or not marker.is_file() or json.loads(marker.read_text()) != flags:
+        out.mkdir(parents=True, exist_ok=True)
+        marker.write_text(json.dumps(flags) + "\n")
+        cmd = [*flags, "--out-dir", str(out), "--overwrite"]  # a fresh run
+    elif info["step"] < info["max_steps"]:
+        cmd = ["--resume", "--out-dir", str(out)]  # cut short: continue it
+    else:
+        cmd = None  # done
+    if cmd is not None:
+        print(" ".join(["python train.py", *cmd]), flush=True)
+        done = subprocess.run([sys.executable, str(ROOT / "train.py"), *cmd])
+        if done.returncode != 0:
+            sys.exit(f"train.py exited with {done.returncode}; run this command again to continue the sweep")
+    return train.read_metrics(out / "metrics.jsonl")
 
 
-def reach(curve, target):
-    """(step, seconds) of the first evaluation at or below target, or None."""
-    for m in curve:
-        if m["val_loss"] <= target:
-            return m["step"], m["elapsed_s"]
+def reach(curve: list[dict], target: float, x: str) -> float | None:
+    """The first `x` at which the validation loss is at or below target, linear between evaluations."""
+    for prev, cur in zip(curve, curve[1:]):
+        if cur["val_loss"] <= target:
+            f = (prev["val_loss"] - target) / (prev["val_loss"] - cur["val_loss"]) if prev["val_loss"] > target else 0
+            return prev[x] + f * (cur[x] - prev[x])
     return None
 
 
-def main():
-    args = parse_args()
-    out = Path(args.out)
-    runs_dir = out.parent / "runs"
-    curves = {}
-    for optimizer, lrs in (("adamw", args.adamw_lrs), ("muon", args.muon_lrs)):
-        for lr in lrs.split(","):
-            curves[f"{optimizer} lr={lr}"] = run(args, optimizer, lr, runs_dir / f"{optimizer}-{lr}")
-    adamw = {k: v for k, v in curves.items() if k.startswith("adamw")}
-    best_name = min(adamw, key=lambda k: adamw[k][-1]["val_loss"])
-    best = adamw[best_name]
-    target = best[-1]["val_loss"]
-    table = []
+def summarize(curves: dict[str, list[dict]]) -> dict:
+    """The target (the best AdamW run's final validation loss) and one table row per run."""
+    adamw = [name for name in curves if name.startswith("adamw")]
+    best = min(adamw, key=lambda name: curves[name][-1]["val_loss"])
+    target = curves[best][-1]["val_loss"]
+    rows = []
     for name, curve in curves.items():
-        hit = reach(curve, target)
-        table.append(dict(run=name, final_val_loss=curve[-1]["val_loss"], seconds=curve[-1]["elapsed_s"],
-                          steps_to_target=hit and hit[0], seconds_to_target=hit and hit[1],
-                          step_fraction=hit and hit[0] / best[-1]["step"],
-                          time_fraction=hit and hit[1] / best[-1]["elapsed_s"]))
-    result = dict(target=target, target_run=best_name, flags=vars(args), runs=table, curves=curves)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    Path(f"{out}.json").write_text(json.dumps(result, indent=2) + "\n")
-    print(f"target: {best_name}'s final val loss {target:.3f}")
-    print(f"{'run':<18} {'final val':>10} {'steps to target':>16} {'x AdamW steps':>14} {'x AdamW time':>13}")
-    for r in table:
-        frac = (f"{r['step_fraction']:.2f}", f"{r['time_fraction']:.2f}") if r["steps_to_target"] else ("-", "-")
-        print(f"{r['run']:<18} {r['final_val_loss']:>10.3f} {str(r['steps_to_target'] or '-'):>16} "
-              f"{frac[0]:>14} {frac[1]:>13}")
-    plot(curves, target, f"{out}.png")
+        last = curve[-1]
+        row = dict(run=name, final_val_loss=last["val_loss"], final_val_bpb=last.get("val_bpb"),
+                   ms_per_step=1000 * last["steps_s"] / last["step"])
+        for x in ("step", "elapsed_s", "steps_s"):
+            hit = reach(curve, target, x)
+            row[f"{x}_to_target"] = hit
+            row[f"{x}_ratio"] = hit / curves[best][-1][x] if hit is not None else None
+        rows.append(row)
+    return dict(target=target, target_run=best, rows=rows)
 
 
-def plot(curves, target, path):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
+def table(summary: dict) -> str:
+    def f(v, fmt):
+        return "-" if v is None else format(v, fmt)
+    lines = [f"Target: {summary['target_run']}'s final validation loss, {summary['target']:.4f}.", "",
+             "| run | final val loss | final val bpb | ms per step | steps to target | wall s to target (x AdamW) "
+             "| step s to target (x AdamW) |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    for r in summary["rows"]:
+        lines.append(f"| {r['run']} | {r['final_val_loss']:.4f} | {f(r['final_val_bpb'], '.4f')} | "
+                     f"{r['ms_per_step']:.0f} | {f(r['step_to_target'], '.0f')} | "
+                     f"{f(r['elapsed_s_to_target'], '.0f')} ({f(r['elapsed_s_ratio'], '.2f')}) | "
+                     f"{f(r['steps_s_to_target'], '.0f')} ({f(r['steps_s_ratio'], '.2f')}) |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(curves: dict[str, list[dict]], target: float, path: Path):
+    """Validation loss and bits per byte (rows) against steps and wall seconds (columns), every run."""
+    from matplotlib.figure import Figure
+    fig = Figure(figsize=(12, 8), layout="constrained")
+    axes = fig.subplots(2, 2, sharex="col", sharey="row")
     for name, curve in curves.items():
         style = "-" if name.startswith("muon") else "--"
-        for ax, x in zip(axes, ("step", "elapsed_s")):
-            ax.plot([m[x] for m in curve], [m["val_loss"] for m in curve], style, label=name)
-    for ax, label in zip(axes, ("optimizer step", "seconds")):
+        for row, key in zip(axes, ("val_loss", "val_bpb")):
+            for ax, x in zip(row, ("step", "elapsed_s")):
+                ax.plot([r[x] for r in curve], [r.get(key) for r in curve], style, label=name)
+    for ax in axes[0]:
         ax.axhline(target, color="gray", lw=0.8)
-        ax.set_xlabel(label)
+    for ax in axes.flat:
         ax.grid(alpha=0.3)
-    axes[0].set_ylabel("validation loss")
-    axes[0].legend()
-    fig.suptitle("Muon (solid) vs AdamW (dashed); gray: best AdamW final validation loss")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    print(f"wrote {path}")
+    axes[1][0].set_xlabel("optimizer steps")
+    axes[1][1].set_xlabel("wall seconds (evaluations included)")
+    axes[0][0].set_ylabel("validation loss (nats per token)")
+    axes[1][0].set_ylabel("validation bits per byte")
+    axes[0][0].legend()
+    fig.suptitle("Muon (solid) vs AdamW (dashed); gray: the best AdamW run's final validation loss")
+    fig.savefig(path, dpi=110)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    curves = {f"{optimizer} lr={lr}": run(args, optimizer, lr)
+              for optimizer, lrs in (("adamw", args.adamw_lrs), ("muon", args.muon_lrs)) for lr in lrs.split(",")}
+    summary = summarize(curves)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    Path(f"{out}.json").write_text(json.dumps(dict(flags=vars(args), **summary, curves=curves), indent=1) + "\n")
+    Path(f"{out}.md").write_text(table(summary))
+    plot(curves, summary["target"], Path(f"{out}.png"))
+    print(table(summary) + f"wrote {out}.json, {out}.md, {out}.png")
 
 
 if __name__ == "__main__":

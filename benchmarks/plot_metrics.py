@@ -1,7 +1,8 @@
 """
-Plot train and validation loss from one or more runs' metrics.jsonl (written by train.py).
+Plot train and validation loss (and bits per byte) of one or more runs' metrics.jsonl, as
+train.py draws OUT/curves.png at every evaluation.
 
-    python benchmarks/plot_metrics.py out/metrics.jsonl --out benchmarks/results/curves.png
+    python benchmarks/plot_metrics.py out/metrics.jsonl --x step --out benchmarks/results/curves-cpu.png
     python benchmarks/plot_metrics.py a/metrics.jsonl b/metrics.jsonl --labels muon adamw
 
 The gap between the two curves is memorisation: both are measured the same way (eval mode, the
@@ -10,41 +11,30 @@ the model has started to learn its training text rather than the language.
 """
 
 import argparse
-import json
+import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-def main():
+
+def main(argv=None):
+    from train import X_LABELS, plot_curves, read_metrics
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("metrics", nargs="+", help="metrics.jsonl files")
     p.add_argument("--labels", nargs="*", default=None, help="one label per file (default: the run folder)")
-    p.add_argument("--x", default="epoch", choices=["epoch", "step", "elapsed_s"], help="the horizontal axis")
-    p.add_argument("--title", default="train vs validation loss")
+    p.add_argument("--x", default="epoch", choices=list(X_LABELS), help="the horizontal axis")
+    p.add_argument("--title", default=None, help="a title above the plot")
     p.add_argument("--out", default="curves.png", help="PNG to write")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     labels = args.labels or [Path(m).parent.name for m in args.metrics]
-
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for path, label in zip(args.metrics, labels, strict=True):
-        records = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
-        x = [r[args.x] for r in records]
-        line, = ax.plot(x, [r["train_loss"] for r in records], "--", label=f"{label} train")
-        ax.plot(x, [r["val_loss"] for r in records], "-", color=line.get_color(), label=f"{label} validation")
-        best = min(records, key=lambda r: r["val_loss"])
-        ax.plot(best[args.x], best["val_loss"], "o", color=line.get_color())
-        ax.annotate(f"best {best['val_loss']:.2f}", (best[args.x], best["val_loss"]), textcoords="offset points",
-                    xytext=(0, -14), ha="center", fontsize=8)
-    ax.set_xlabel({"epoch": "epochs", "step": "optimizer steps", "elapsed_s": "seconds"}[args.x])
-    ax.set_ylabel("loss (nats per token)")
-    ax.set_title(args.title)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
+    if len(labels) != len(args.metrics):
+        p.error(f"{len(args.metrics)} files but {len(labels)} labels")
+    runs = {label: read_metrics(Path(path)) for path, label in zip(args.metrics, labels)}
+    empty = [path for path, records in zip(args.metrics, runs.values()) if not records]
+    if empty:
+        p.error(f"no metrics in {', '.join(empty)}")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(args.out, dpi=120)
+    plot_curves(runs, Path(args.out), x=args.x, title=args.title)
     print(f"wrote {args.out}")
 
 

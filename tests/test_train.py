@@ -226,7 +226,7 @@ def test_kill_9_leaves_a_checkpoint_to_resume(cache, tmp_path):
         step = json.loads((out / "last" / "training_state.json").read_text())["step"]
         assert main(["--resume", "--out-dir", str(out), "--max-steps", str(step + 3), "--save-every", "0"]) == 0
         assert json.loads((out / "last" / "training_state.json").read_text())["step"] == step + 3
-        assert sorted(p.name for p in out.iterdir()) == ["best", "last", "metrics.jsonl"]
+        assert sorted(p.name for p in out.iterdir()) == [".lock", "best", "curves.png", "last", "metrics.jsonl"]
 
 
 def test_recover_interrupted_saves(tmp_path):
@@ -263,7 +263,8 @@ def test_failed_save_keeps_previous_checkpoint(ref, tmp_path, monkeypatch, capsy
     line = one_error_line(capsys.readouterr().err)
     assert "No space left on device" in line and "previous checkpoint is intact" in line
     assert {f.name: f.read_bytes() for f in (out / "last").iterdir()} == before
-    assert sorted(p.name for p in out.iterdir()) == ["best", "last", "metrics.jsonl"]  # no temporary left
+    assert sorted(p.name for p in out.iterdir()) == [".lock", "best", "curves.png", "last",
+                                                     "metrics.jsonl"]  # no temporary left
 
 
 class Exploit:

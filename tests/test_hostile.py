@@ -1,0 +1,313 @@
+"""train.py against hostile use: two runs on one --out-dir, bad flag values, odd out-dirs (and
+generate.py's --seed, its one numeric flag that lacked a range).
+
+The lock tests run real train.py processes that train until the test stops them (a huge
+--max-steps), so "the first run is still running" is never a race; they wait for the files a
+run writes (with a generous deadline), never for a fixed time. The flag tests run in-process: a
+bad value must be one "error:" line and a non-zero exit, and a good one trains (or, if the
+run itself fails, ends with one line).
+"""
+import argparse
+import contextlib
+import io
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import checkpoint
+import generate
+import train
+from test_train import ROOT, TINY, metrics, one_error_line, run_process
+
+FOREVER = ["--max-steps", "100000", "--eval-every", "10", "--eval-sample-tokens", "0"]  # until the test stops it
+HOST = socket.gethostname()
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("cache")
+
+
+def main(argv) -> tuple[int, str]:
+    """train.main in-process: (exit code, stderr)."""
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        try:
+            code = train.main(argv)
+        except SystemExit as e:  # argparse
+            code = e.code
+    return code, err.getvalue()
+
+
+def tiny(cache, out, *args):
+    return [*TINY, "--cache-dir", str(cache), "--out-dir", str(out), *args]
+
+
+def wait_for(proc, ready, what):
+    deadline = time.time() + 300
+    while not ready():
+        assert proc.poll() is None, f"exited before {what}: {proc.communicate()}"
+        assert time.time() < deadline, f"no {what} after 300 s"
+        time.sleep(0.05)
+
+
+def holder(out) -> str:
+    return (Path(out) / ".lock").read_text()
+
+
+def refused(code, stderr, out, pid):
+    """A second run's exit: 1, and its whole stderr one line naming the first run."""
+    assert code == 1, stderr
+    assert one_error_line(stderr) == (f"error: {out} is in use by another train.py (pid {pid} on {HOST}); wait for it to finish "
+                    f"or use another --out-dir")
+
+
+# %% one run per out-dir
+
+
+@pytest.fixture(scope="module")
+def stopped(cache, tmp_path_factory):
+    """A run stopped at step 10 (--stop-at) of a schedule it would never finish: one to --resume."""
+    out = tmp_path_factory.mktemp("stopped") / "out"
+    code, err = main(tiny(cache, out, *FOREVER, "--stop-at", "10"))
+    assert code == 0, err
+    return out
+
+
+def test_a_second_run_is_refused_and_the_first_is_untouched(cache, stopped, tmp_path):
+    """While run A (a --resume) trains: a second --resume of the same checkpoint (a process) and a
+    fresh run (--overwrite, in-process) are refused at once, naming A; generate.py reads A's checkpoint. A then
+    stops (SIGTERM, saving last/) with only its own evaluations in metrics.jsonl, and best/ and
+    last/ agreeing with them."""
+    out = Path(shutil.copytree(stopped, tmp_path / "out"))
+    a = run_process(cache, out, "--resume", wait=False)
+    try:
+        wait_for(a, lambda: holder(out) == f"pid {a.pid} on {HOST}\n", "the lock")
+        others = [run_process(cache, out, "--resume", wait=False),
+                  subprocess.Popen([sys.executable, str(ROOT / "generate.py"), "--ckpt", str(out), "--prompt", "The",
+                                    "-n", "5", "--seed", "0", "--device", "cpu"],
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)]
+        code, err = main(tiny(cache, out, *FOREVER, "--overwrite"))  # meanwhile, in this process
+        refused(code, err, out, a.pid)
+        (_, err), (gen_out, gen_err) = [p.communicate(timeout=300) for p in others]
+        refused(others[0].returncode, err, out, a.pid)  # not "training_state.pt ... does not match the checksum"
+        assert others[1].returncode == 0 and gen_out.strip(), gen_err
+        wait_for(a, lambda: len(metrics(out)) >= 3, "A's own evaluation")  # steps 0, 10 (before A), 20
+        assert holder(out) == f"pid {a.pid} on {HOST}\n"  # the refused runs did not even rewrite the lock file
+        a.send_signal(signal.SIGTERM)
+        stdout, stderr = a.communicate(timeout=300)
+    finally:
+        a.kill()
+    assert a.returncode == 128 + signal.SIGTERM, stderr
+    step = int(re.search(r"stopped at step (\d+) \(SIGTERM\)", stdout).group(1))
+    records = metrics(out)
+    assert [r["step"] for r in records] == list(range(0, step + 1, 10))  # once each, in order
+    info = json.loads((out / "last" / "training_state.json").read_text())
+    best = min((r for r in records if r["step"] > 0), key=lambda r: r["val_loss"])
+    assert (info["step"], info["best_step"], info["best_val_loss"]) == (step, best["step"], best["val_loss"])
+
+
+def test_kill_9_leaves_no_stale_lock(cache, tmp_path):
+    """The OS drops the lock with its process: after kill -9 the next run takes the folder."""
+    out = tmp_path / "out"
+    a = run_process(cache, out, *FOREVER, wait=False)
+    try:
+        wait_for(a, lambda: (out / "last").is_dir(), "last/")
+    finally:
+        a.kill()  # SIGKILL: no handler runs, the process releases nothing itself
+    a.communicate()
+    assert holder(out) == f"pid {a.pid} on {HOST}\n"  # the file stays, naming the dead run
+    checkpoint.recover(out)  # (to read last/ here; the next run does it anyway)
+    step = json.loads((out / "last" / "training_state.json").read_text())["step"]
+    code, err = main(["--resume", "--out-dir", str(out), "--max-steps", str(step + 2)])
+    assert code == 0, err
+    assert json.loads((out / "last" / "training_state.json").read_text())["step"] == step + 2
+    assert holder(out) == f"pid {os.getpid()} on {HOST}\n"
+
+
+def test_the_lock_is_released_when_main_returns(cache, tmp_path):
+    """In-process callers can run again on the same folder, after a success or a failure."""
+    out = tmp_path / "out"
+    assert main(tiny(cache, out, "--preset", "huge"))[0] == 1  # fails after taking the lock
+    code, err = main(tiny(cache, out, "--max-steps", "1"))
+    assert code == 0, err
+    assert main(tiny(cache, out, "--max-steps", "1"))[0] == 1  # refused, but for holding a checkpoint
+    assert checkpoint._held == []
+
+
+@pytest.mark.parametrize("sub, message", [
+    ("", "--out-dir {p} is a file, not a folder; name a folder"),  # not a raw "[Errno 17] File exists"
+    ("sub", "cannot use --out-dir {p}/sub (Not a directory)"),
+])
+def test_out_dir_that_is_not_a_folder(cache, tmp_path, sub, message):
+    path = tmp_path / "file"
+    path.write_text("keep me")
+    code, err = main(tiny(cache, path / sub if sub else path, "--max-steps", "1"))
+    assert code == 1
+    assert message.format(p=path) in one_error_line(err)
+    assert path.read_text() == "keep me"
+
+
+# %% flags: every number has a range, checked as it is parsed
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--lr", "-1"], "argument --lr: expected a number in (0, 1e30], got '-1'"),
+    (["--lr", "nan"], "argument --lr: expected a number in (0, 1e30], got 'nan'"),
+    (["--muon-lr", "-1"], "argument --muon-lr: expected a number in (0, 1e30], got '-1'"),
+    (["--muon-lr", "1e31"], "argument --muon-lr: expected a number in (0, 1e30], got '1e31'"),
+    (["--adam-eps", "-1"], "argument --adam-eps: expected a finite number > 0, got '-1'"),
+    (["--betas", "1.5", "0.9"], "argument --betas: expected a number in [0, 1), got '1.5'"),
+    (["--warmup-frac", "nan"], "argument --warmup-frac: expected a number in [0, 1], got 'nan'"),
+    (["--grad-clip", "nan"], "argument --grad-clip: expected a finite number >= 0, got 'nan'"),
+    (["--save-every", "-5"], "argument --save-every: expected an integer >= 0, got '-5'"),
+    (["--seed", "-1"], "argument --seed: expected an integer in [0, 2**64), got '-1'"),
+    (["--val-frac", "1"], "argument --val-frac: expected a number in (0, 1), got '1'"),
+    (["--hidden-size", "0"], "argument --hidden-size: expected a positive integer, got '0'"),
+    (["--seq-len", "²"], "argument --seq-len: expected a positive integer, got '²'"),  # isdigit, yet not int()
+    (["--rope-theta", "inf"], "argument --rope-theta: expected a finite number > 0, got 'inf'"),
+])
+def test_bad_flag_values(cache, tmp_path, args, message):
+    code, err = main(tiny(cache, tmp_path / "out", *args))
+    assert code == 2
+    assert message in one_error_line(err)
+    assert not (tmp_path / "out").exists()  # refused before anything was touched
+
+
+def test_every_numeric_flag_has_a_range():
+    """Any flag with a type refuses NaN, infinities, negatives and words, and accepts its default;
+    any flag with a numeric default has a type. (A new `type=float` flag fails here.)"""
+    actions = [a for a in train.build_parser()._actions if a.dest != "help"]
+    for a in actions:
+        if isinstance(a.default, (int, float)) and not isinstance(a.default, bool):
+            assert a.type is not None, a.dest
+    typed = [a for a in actions if a.type is not None]
+    assert len(typed) >= 25  # all of them were found
+    for a in typed:
+        for bad in ("nan", "inf", "-inf", "-1", "1e999", "x", "", "9" * 5000):
+            with pytest.raises(argparse.ArgumentTypeError):
+                a.type(bad)
+        for default in a.default if isinstance(a.default, list) else [a.default]:
+            if default is not None:
+                assert a.type(str(default)) == default, a.dest
+
+
+@pytest.mark.parametrize("key, value, flag", [
+    ("lr", -1.0, "--lr"), ("lr", float("nan"), "--lr"), ("lr", "fast", "--lr"), ("betas", [2.0, 0.9], "--betas"),
+    ("betas", 0.9, "--betas"), ("seed", 1.5, "--seed"), ("save_every", -5, "--save-every"), ("dropout", True, "--dropout"),
+])
+def test_flags_restored_from_a_checkpoint_are_checked(stopped, tmp_path, key, value, flag):
+    """argparse does not check (non-string) defaults, and --resume makes the checkpoint's flags the
+    defaults: a tampered value is refused, naming the file, and the checkpoint stays as it was."""
+    out = Path(shutil.copytree(stopped, tmp_path / "out"))
+    path = out / "last" / "training_state.json"
+    info = json.loads(path.read_text())
+    info["args"][key] = value
+    path.write_text(json.dumps(info))
+    before = {f.name: f.read_bytes() for f in (out / "last").iterdir()}
+    code, err = main(["--resume", "--out-dir", str(out)])
+    assert code == 1
+    assert f"{path} holds a bad {flag}: expected" in one_error_line(err)
+    assert {f.name: f.read_bytes() for f in (out / "last").iterdir()} == before
+
+
+# %% random flag values: they train, or they are one line
+
+
+NUMERIC = [a for a in train.build_parser()._actions if a.type is not None]
+WILD = st.one_of(
+    st.floats(allow_nan=True, allow_infinity=True).map(repr),
+    st.integers(-2**70, 2**70).map(str),
+    st.sampled_from(["nan", "-inf", "1e999", "-0", "0", "1", "0.5", "1e30", "1e31", "²", "1_0", " 3 ", "", "--",
+                     "-h", "0x10", "1e-400"]),
+    st.text(max_size=6),
+)
+FRAME = settings(derandomize=True, database=None, deadline=None,
+                 suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+
+
+@settings(FRAME, max_examples=300)
+@given(data=st.data())
+def test_random_values_parse_or_give_one_line(data):
+    """Any values for any numeric flags: the parser accepts them, or exits 2 with one line."""
+    argv = []
+    for a in data.draw(st.lists(st.sampled_from(NUMERIC), min_size=1, max_size=4, unique_by=lambda a: a.dest)):
+        argv += [a.option_strings[0], *data.draw(st.lists(WILD, min_size=a.nargs or 1, max_size=a.nargs or 1))]
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        try:
+            train.build_parser().parse_args(argv)
+            return
+        except SystemExit as e:
+            code = e.code
+    if code != 0:  # 0: "-h" became --help
+        assert code == 2
+        one_error_line(err.getvalue())
+
+
+# Values a run can take, edges included, for the flags that leave the data (and its cache) alone.
+IN_RANGE = {
+    "--lr": st.sampled_from([1e-30, 1e-3, 0.5, 1e3, 1e30]), "--muon-lr": st.sampled_from([1e-30, 0.02, 1e3, 1e30]),
+    "--betas": st.lists(st.sampled_from([0.0, 0.5, 0.999999]), min_size=2, max_size=2),
+    "--adam-eps": st.sampled_from([1e-300, 1e-8, 1e10]), "--weight-decay": st.sampled_from([0.0, 0.1, 1e6]),
+    "--warmup-frac": st.sampled_from([0.0, 0.5, 1.0]), "--min-lr-frac": st.sampled_from([0.0, 1.0]),
+    "--grad-clip": st.sampled_from([0.0, 1e-30, 1e30]), "--seed": st.sampled_from([0, 2**64 - 1]),
+    "--dropout": st.sampled_from([0.0, 0.9]), "--rope-theta": st.sampled_from([1e-30, 1.0, 1e30]),
+    "--hidden-size": st.integers(1, 24), "--intermediate-size": st.integers(1, 24),
+    "--num-hidden-layers": st.integers(1, 2), "--num-attention-heads": st.integers(1, 4),
+    "--num-key-value-heads": st.integers(1, 4), "--head-dim": st.integers(1, 8), "--batch-size": st.integers(1, 4),
+    "--seq-len": st.integers(1, 16), "--grad-accum": st.integers(1, 2), "--max-steps": st.integers(1, 3),
+    "--eval-every": st.integers(1, 2), "--eval-batches": st.integers(1, 2), "--save-every": st.integers(0, 2),
+    "--sample-tokens": st.integers(0, 4), "--eval-sample-tokens": st.integers(0, 4),
+}
+
+
+@settings(FRAME, max_examples=8)
+@given(data=st.data())
+def test_random_values_in_range_train_or_give_one_line(cache, tmp_path_factory, data):
+    """Values that parse, for a random subset of flags: a short run ends with 0, or with one line."""
+    argv = ["--max-steps", "1", "--eval-every", "1", "--eval-sample-tokens", "0"]
+    for flag in data.draw(st.lists(st.sampled_from(sorted(IN_RANGE)), min_size=1, max_size=6, unique=True)):
+        value = data.draw(IN_RANGE[flag])
+        argv += [flag, *map(repr, value if isinstance(value, list) else [value])]
+    code, err = main(tiny(cache, tmp_path_factory.mktemp("run") / "out", *argv))
+    if code != 0:
+        assert code == 1, err
+        one_error_line(err)
+
+
+def test_a_diverging_run_ends_cleanly(cache, tmp_path):
+    """A rate in range that blows the model up: the validation loss passes 709, where exp() (the
+    perplexity) overflows a float. The run must still end with 0 or one line."""
+    code, err = main(tiny(cache, tmp_path / "out", "--optimizer", "adamw", "--lr", "1000", "--max-steps", "1",
+                          "--eval-every", "1", "--eval-sample-tokens", "0"))
+    if code != 0:
+        assert code == 1, err
+        one_error_line(err)
+
+
+@pytest.mark.parametrize("seed, ok", [(-2**63, True), (2**64 - 1, True), (2**64, False), (-2**63 - 1, False)])
+def test_generate_seed_has_torch_range(stopped, capsys, seed, ok):
+    """torch seeds take [-2**63, 2**64)."""
+    try:
+        generate.main(["--ckpt", str(stopped), "--prompt", "The", "-n", "2", "--seed", str(seed), "--device", "cpu"])
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    err = capsys.readouterr().err
+    if ok:
+        assert code == 0, err
+    else:
+        assert code == 1
+        assert "the seed must be an integer in [-2**63, 2**64)" in one_error_line(err)
