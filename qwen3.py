@@ -6,16 +6,18 @@ comes from, and the sections build on each other:
 
     1. Configuration           every number that defines a Qwen3
     2. RMSNorm                 the normalisation used everywhere
-    3. RoPE                    how attention knows where a token is
+    3. RoPE                    how attention knows where a token is (YaRN: past the trained length)
     4. Attention               grouped-query attention with QK-norm and an optional sliding window
     5. SwiGLU MLP              the feed-forward half of a block
-    6. The model               blocks stacked into Qwen3, logits and loss
+    6. The model               blocks stacked into Qwen3, logits and loss; left-padded batches
     7. KV cache                incremental decoding without recomputing the past
-    8. Sampling                temperature, top-k, top-p, generate
+    8. Sampling                temperature, top-k, top-p, generate (prompts of different lengths too)
     9. Checkpoints             Hugging Face format in and out (config.json + safetensors)
    10. Optimizers              Muon for hidden matrices, AdamW for the rest
     Appendix: making it fast   the same computations, faster, proven equal to the sections above
      A1. Linear + cross-entropy  the training loss without the logits, chunk by chunk
+     A2. Preallocated KV cache   generation's cache, written in place instead of concatenated
+     A3. float16 decoding        half the bytes per token, with an overflow guard
 
 The model is a spec as much as a program: given the same weights, its logits match Hugging Face
 `transformers`' `Qwen3ForCausalLM` (tests/test_qwen3.py proves it), and module names mirror its
@@ -26,6 +28,7 @@ Reference: Qwen Team, "Qwen3 Technical Report", 2025 (arXiv:2505.09388).
 
 import json
 import math
+import warnings
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -53,6 +56,7 @@ class Qwen3Config:
     head_dim: int = 48  # width of one head; independent of hidden_size in Qwen3
     max_position_embeddings: int = 512  # longest context the model is meant to see
     rope_theta: float = 10_000.0  # RoPE base; real Qwen3 uses 1e6 for long contexts
+    rope_scaling: dict | None = None  # YaRN's parameters, to read past the trained context (section 3); None: none
     rms_norm_eps: float = 1e-6  # keeps RMSNorm finite for all-zero inputs
     tie_word_embeddings: bool = True  # the output head reuses the embedding matrix
     attention_bias: bool = False  # bias on q/k/v/o projections (Qwen3: none)
@@ -88,6 +92,8 @@ class Qwen3Config:
             unknown = set(self.layer_types) - {"full_attention", "sliding_attention"}
             if unknown:
                 raise ValueError(f"unknown layer type(s) {sorted(unknown)}")
+        if self.rope_scaling is not None:  # checked, and completed with the defaults, once
+            self.rope_scaling = yarn_parameters(self.rope_scaling, self.max_position_embeddings)
 
     def layer_window(self, i: int) -> int | None:
         """The sliding window of layer i, or None if it attends to the whole past."""
@@ -155,18 +161,88 @@ class RMSNorm(nn.Module):
 # an angle rounded to bf16 could be off by up to 2 radians.
 
 
-def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype=torch.float32):
-    """cos and sin of every rotation angle, (T, head_dim), for integer positions (T,)."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float, device=positions.device) / head_dim))
-    angles = positions.float()[:, None] * inv_freq[None, :]  # (T, head_dim/2), fp32
-    angles = torch.cat((angles, angles), dim=-1)  # (T, head_dim): pair i and i + d/2 share an angle
-    return angles.cos().to(dtype), angles.sin().to(dtype)
+def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype=torch.float32, rope_scaling=None):
+    """cos and sin of every rotation angle, (..., head_dim), for integer positions of any shape (...,).
+    rope_scaling: None for plain RoPE, or YaRN's parameters (below) as yarn_parameters completes them."""
+    powers = theta ** (torch.arange(0, head_dim, 2, dtype=torch.float, device=positions.device) / head_dim)
+    inv_freq, scale = 1.0 / powers, 1.0  # (head_dim/2,): pair i turns theta^(-2i/d) radians per position
+    if rope_scaling is not None:  # YaRN: each pair between its own frequency and 1/factor of it
+        keep = yarn_keep(head_dim, theta, rope_scaling).to(positions.device)
+        inv_freq = inv_freq * keep + 1.0 / (rope_scaling["factor"] * powers) * (1 - keep)
+        scale = rope_scaling["attention_factor"]
+    angles = positions.float()[..., None] * inv_freq  # (..., head_dim/2), fp32
+    angles = torch.cat((angles, angles), dim=-1)  # (..., head_dim): pair i and i + d/2 share an angle
+    return (angles.cos() * scale).to(dtype), (angles.sin() * scale).to(dtype)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate x (B, n_head, T, head_dim) by the angles of its positions."""
     x1, x2 = x.chunk(2, dim=-1)  # each (B, n_head, T, head_dim/2)
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+# YaRN (Peng et al. 2023, "YaRN: Efficient Context Window Extension of Large Language Models") is
+# how Qwen3 reads beyond the L tokens it was trained on (32k to 128k with factor s = 4). Past L,
+# the slowly turning pairs reach angles never seen in training. Dividing every frequency by s
+# ("position interpolation", Chen et al. 2023) keeps all angles in range but blurs the fast pairs
+# that tell neighbouring tokens apart. YaRN splits the pairs by how often they turn within L:
+# a pair that turns more than beta_fast (32) times keeps its frequency, one that turns fewer than
+# beta_slow (1) times is divided by s, and the pairs between are blended linearly ("NTK-by-parts").
+# Longer contexts also flatten the softmax, so q and k are scaled by 0.1 ln(s) + 1 (through cos and
+# sin). Nothing is learned: a checkpoint gains YaRN by one entry in its config.json.
+
+YARN_KEYS = ("rope_type", "factor", "original_max_position_embeddings", "attention_factor", "beta_fast",
+             "beta_slow", "mscale", "mscale_all_dim", "truncate")
+
+
+def yarn_parameters(rope_scaling: dict, max_position_embeddings: int) -> dict:
+    """A YaRN rope_scaling dict checked and completed with transformers' defaults (ValueError if bad)."""
+    p = rope_scaling
+    if not isinstance(p, dict):
+        raise ValueError(f"rope_scaling must be an object, got {p!r}")
+    if p.get("rope_type") != "yarn":
+        raise ValueError(f"RoPE type {p.get('rope_type')!r} is not supported (only 'default' and 'yarn')")
+    unknown = sorted(set(p) - set(YARN_KEYS))
+    if unknown:
+        raise ValueError(f"unknown YaRN parameter(s) {', '.join(unknown)}")
+
+    def number(name, default=None):
+        value = default if p.get(name) is None else p[name]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+            raise ValueError(f"YaRN {name} must be a positive number, got {p.get(name)!r}")
+        return float(value)
+
+    factor, original = number("factor"), number("original_max_position_embeddings", max_position_embeddings)
+    beta_fast, beta_slow, truncate = number("beta_fast", 32.0), number("beta_slow", 1.0), p.get("truncate", True)
+    if factor < 1 or original != int(original) or beta_fast <= beta_slow or not isinstance(truncate, bool):
+        raise ValueError(f"YaRN needs factor >= 1, an integer original_max_position_embeddings, beta_fast > "
+                         f"beta_slow and a true/false truncate; got {factor:g}, {original:g}, {beta_fast:g}, "
+                         f"{beta_slow:g}, {truncate!r}")
+
+    def mscale(m):  # the paper's sqrt(1/t) = 0.1 ln(s) + 1, with DeepSeek's optional multiplier m
+        return 0.1 * m * math.log(factor) + 1.0
+    if p.get("attention_factor") is None and p.get("mscale") and p.get("mscale_all_dim"):
+        attention = mscale(number("mscale")) / mscale(number("mscale_all_dim"))
+    else:
+        attention = number("attention_factor", mscale(1.0))
+    return dict(rope_type="yarn", factor=factor, original_max_position_embeddings=int(original),
+                attention_factor=attention, beta_fast=beta_fast, beta_slow=beta_slow, truncate=truncate)
+
+
+def yarn_keep(head_dim: int, theta: float, p: dict) -> torch.Tensor:
+    """(head_dim/2,) per pair: 1 keeps its frequency, 0 divides it by the factor, linear between."""
+    # Pair i turns L * theta^(-2i/d) / (2 pi) times within the original context L; solved for i, the
+    # pair that turns r times sits at i = d ln(L / (2 pi r)) / (2 ln theta). As in the paper's code
+    # (and transformers), the ramp is linear in i between the pairs of beta_fast and beta_slow turns,
+    # rounded outwards to whole pairs unless truncate is false.
+    def pair_turning(r):
+        return head_dim * math.log(p["original_max_position_embeddings"] / (2 * math.pi * r)) / (2 * math.log(theta))
+    lo, hi = pair_turning(p["beta_fast"]), pair_turning(p["beta_slow"])  # lo < hi: pair 0 turns fastest
+    if p["truncate"]:
+        lo, hi = math.floor(lo), math.ceil(hi)
+    lo, hi = max(lo, 0), min(hi, head_dim - 1)
+    width = hi - lo if hi != lo else 1e-3  # lo == hi: a step at lo
+    return 1 - ((torch.arange(head_dim // 2, dtype=torch.float) - lo) / width).clamp(0, 1)
 
 
 # %% 4. Attention: grouped-query, QK-norm, optional sliding window
@@ -185,12 +261,15 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 def attention_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) -> torch.Tensor:
-    """(Tq, Tk) bool, True where a query may attend: causal, and within the window if any."""
-    offset = q_pos[:, None] - k_pos[None, :]  # how far back each key lies from each query
+    """(..., Tq, Tk) bool for positions (..., Tq) and (..., Tk), True where a query may attend:
+    causal, and within the window if any. Negative positions are left padding (section 6): no
+    real token sees one, and a padding query sees only padding (its output is never used, but a
+    softmax over no keys at all would be NaN)."""
+    offset = q_pos[..., :, None] - k_pos[..., None, :]  # how far back each key lies from each query
     allowed = offset >= 0
     if window is not None:
         allowed &= offset < window  # W keys: the query itself and W - 1 before it
-    return allowed
+    return allowed & ((k_pos[..., None, :] >= 0) | (q_pos[..., :, None] < 0))
 
 
 class Attention(nn.Module):
@@ -209,7 +288,8 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
         self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
 
-    def forward(self, x, cos, sin, start: int, cache=None):
+    def forward(self, x, cos, sin, positions, cache=None):
+        """x (B, T, hidden) at positions (T,), or (B, T) when rows are left-padded (section 6)."""
         B, T, _ = x.shape
         q = self.q_norm(self.q_proj(x).view(B, T, self.n_head, self.head_dim)).transpose(1, 2)  # (B, n_head, T, hd)
         k = self.k_norm(self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim)).transpose(1, 2)  # (B, n_kv, T, hd)
@@ -217,13 +297,14 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)  # prepend the cached past: (B, n_kv, S, hd)
-        S = k.size(2)  # keys cover absolute positions [start + T - S, start + T)
+        S, padded = k.size(2), positions.dim() == 2  # the keys: the S latest positions, up to the last query's
         mask, causal = None, False
-        if S == T and (self.window is None or self.window >= T):
+        if S == T and not padded and (self.window is None or self.window >= T):
             causal = True  # no past and nothing outside the window: plain causal attention
-        elif not (T == 1 and (self.window is None or S <= self.window)):  # one new token seeing all keys needs no mask
-            q_pos = torch.arange(start, start + T, device=x.device)
-            mask = attention_mask(q_pos, torch.arange(start + T - S, start + T, device=x.device), self.window)
+        elif padded or not (T == 1 and (self.window is None or S <= self.window)):  # one new token seeing all keys needs no mask
+            k_pos = positions[..., -1:] + torch.arange(1 - S, 1, device=x.device)  # (S,), or (B, S)
+            mask = attention_mask(positions, k_pos, self.window)  # (T, S), or (B, T, S)
+            mask = mask[:, None] if padded else mask  # (B, 1, T, S): the same for every head of a row
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
                                            dropout_p=self.dropout if self.training else 0.0,
                                            enable_gqa=self.n_kv_head != self.n_head)  # (B, n_head, T, hd)
@@ -252,6 +333,19 @@ class MLP(nn.Module):
 # (attention, then MLP) and *adds* it to the residual stream, so gradients flow straight through
 # the additions from the loss to the embeddings. A final RMSNorm and a linear head turn the last
 # residual state into next-token logits. Names mirror transformers' keys: `model.layers.3.mlp...`.
+# A batch of prompts of different lengths is left-padded to one length, with transformers'
+# attention_mask (1 for a token, 0 for padding): each row's positions then count from its own
+# first token, the padding at negative positions, and section 4's mask hides the padding.
+
+
+def left_padding(attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B, T) mask of 1 (token) and 0 (padding) -> (B,) how many padding tokens open each row."""
+    if not ((attention_mask == 0) | (attention_mask == 1)).all():
+        raise ValueError("attention_mask must hold only 0 (padding) and 1 (token)")
+    real = attention_mask.bool()
+    if (real[:, :-1] & ~real[:, 1:]).any():
+        raise ValueError("attention_mask must be left padding: in each row, all 0s before all 1s")
+    return (~real).sum(dim=1)
 
 
 class Block(nn.Module):
@@ -263,8 +357,8 @@ class Block(nn.Module):
         self.mlp = MLP(config)
         self.dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x, cos, sin, start, cache=None):
-        x = x + self.dropout(self.self_attn(self.input_layernorm(x), cos, sin, start, cache))
+    def forward(self, x, cos, sin, positions, cache=None):
+        x = x + self.dropout(self.self_attn(self.input_layernorm(x), cos, sin, positions, cache))
         return x + self.dropout(self.mlp(self.post_attention_layernorm(x)))
 
 
@@ -278,15 +372,31 @@ class Qwen3Model(nn.Module):
         self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, input_ids, cache=None):
+    def forward(self, input_ids, cache=None, attention_mask=None):
+        """attention_mask (B, T): 1 for tokens, 0 for left padding. With a cache, pass it with the
+        first call (the prompt) only: the cache remembers each row's padding; later tokens are real."""
         start = cache.seen_tokens if cache is not None else 0  # positions continue after the cache
+        if attention_mask is not None and attention_mask.shape != input_ids.shape:
+            raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, "
+                             f"input_ids {tuple(input_ids.shape)}")
+        pad = left_padding(attention_mask) if attention_mask is not None else None  # (B,)
+        if cache is not None:
+            if pad is not None and start:
+                raise ValueError("attention_mask goes with the first call on a cache: padding opens a sequence")
+            pad = cache.pad = pad if pad is not None else cache.pad
         x = self.embed_tokens(input_ids)  # (B, T, hidden)
-        positions = torch.arange(start, start + input_ids.size(1), device=input_ids.device)
-        cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, x.dtype)  # shared by all layers
+        positions = torch.arange(start, start + input_ids.size(1), device=input_ids.device)  # (T,)
+        if pad is not None:
+            positions = positions - pad[:, None]  # (B, T): each row counts from its first token
+        cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, x.dtype, self.config.rope_scaling)  # shared by all layers
+        if pad is not None:
+            cos, sin = cos[:, None], sin[:, None]  # (B, 1, T, hd): the same angles for every head
         for layer in self.layers:
-            x = layer(x, cos, sin, start, cache)
+            x = layer(x, cos, sin, positions, cache)
         if cache is not None:
             cache.seen_tokens += input_ids.size(1)
+        if x.dtype == torch.float16:
+            check_float16(x)  # the Appendix, A3: an overflow raises, never yields inf or NaN
         return self.norm(x)
 
 
@@ -315,11 +425,12 @@ class Qwen3(nn.Module):
                 if getattr(module, "bias", None) is not None:
                     nn.init.zeros_(module.bias)
 
-    def forward(self, input_ids, targets=None, cache=None, return_logits=True):
+    def forward(self, input_ids, targets=None, cache=None, return_logits=True, attention_mask=None):
         """input_ids (B, T) -> logits (B, T, vocab); targets (B, T) are the next tokens, -100 to skip.
         With targets and return_logits=False, returns (None, loss) without ever holding the logits:
-        the same loss and gradients, in less time and memory (train.py's path)."""
-        h = self.model(input_ids, cache)  # (B, T, hidden)
+        the same loss and gradients, in less time and memory (train.py's path). attention_mask
+        (B, T), 1 for tokens and 0 for left padding, lets prompts of different lengths share a batch."""
+        h = self.model(input_ids, cache, attention_mask)  # (B, T, hidden)
         if targets is not None and not return_logits:  # the fused loss of the Appendix, A1
             return None, linear_cross_entropy(h.flatten(0, 1), self.lm_head.weight, targets.flatten())
         logits = self.lm_head(h)
@@ -350,6 +461,7 @@ class KVCache:
         self.keys: list[torch.Tensor | None] = [None] * config.num_hidden_layers  # each (B, n_kv, S, hd)
         self.values: list[torch.Tensor | None] = [None] * config.num_hidden_layers
         self.seen_tokens = 0  # absolute position of the next token to be fed
+        self.pad = None  # (B,) padding tokens opening each row, from the prompt's attention_mask
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         """Append new keys/values (B, n_kv, T, hd); return everything the new queries may need."""
@@ -418,14 +530,38 @@ def sample_next_token(logits, temperature=1.0, top_k=None, top_p=None, generator
     return torch.multinomial(next_token_probs(logits, temperature, top_k, top_p), 1, generator=generator)[:, 0]
 
 
+def _check_decoding(idx, max_new_tokens, temperature, top_k, top_p, attention_mask):
+    """Refuse, before any work, what would otherwise fail deep inside or quietly do the wrong thing."""
+    if not (isinstance(idx, torch.Tensor) and idx.dim() == 2 and not idx.is_floating_point()):
+        raise ValueError(f"the prompt must be token ids of shape (B, T), got {getattr(idx, 'shape', type(idx))}")
+    if idx.size(1) == 0:
+        raise ValueError("the prompt is empty: give at least one token (a BOS, say)")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+    next_token_probs(torch.zeros(1, 1), temperature)  # the sampler's own checks, on a dummy row
+    top_p_filter(top_k_filter(torch.zeros(1, 1), top_k), top_p)
+    if attention_mask is not None:
+        if attention_mask.shape != idx.shape:
+            raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, the prompt {tuple(idx.shape)}")
+        if not attention_mask[:, -1].all():  # left padding ends every row with a token
+            raise ValueError("every row of attention_mask must end with a token (1): left padding only")
+
+
 @torch.no_grad()
-def _next_tokens(model: Qwen3, idx, max_new_tokens, temperature, top_k, top_p, generator, with_probs=False):
+def _next_tokens(model: Qwen3, idx, max_new_tokens, temperature, top_k, top_p, generator, with_probs=False,
+                 attention_mask=None):
     """Prefill the prompt once, then feed one token per step; yields next tokens (B,) and, if
     with_probs, the distributions (B, vocab) they were drawn from (else None)."""
-    cache, x = KVCache(model.config), idx
+    length = idx.size(1) + max_new_tokens
+    cache = StaticKVCache(model, idx.size(0), length)  # the Appendix, A2: section 7's cache, preallocated
+    x, mask, fed = idx, attention_mask, [idx]
     for _ in range(max_new_tokens):
-        logits = model.lm_head(model.model(x, cache)[:, -1])  # (B, vocab): only the last position matters
-        x = sample_next_token(logits, temperature, top_k, top_p, generator)[:, None]  # (B, 1)
+        try:
+            logits = model.lm_head(model.model(x, cache, mask)[:, -1])  # (B, vocab): only the last position matters
+        except Float16Overflow as e:  # the Appendix, A3: redo everything so far in float32, and go on so
+            cache, logits = continue_in_float32(model, torch.cat(fed, dim=1), attention_mask, length, e)
+        x, mask = sample_next_token(logits, temperature, top_k, top_p, generator)[:, None], None  # (B, 1)
+        fed.append(x)
         yield x[:, 0], next_token_probs(logits, temperature, top_k, top_p) if with_probs else None
 
 
@@ -435,14 +571,21 @@ def _eos_ids(eos_token_id) -> list[int]:
 
 @torch.no_grad()
 def generate(self: Qwen3, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
-             eos_token_id=None, generator=None) -> torch.Tensor:
-    """Continue idx (B, T) by up to max_new_tokens; returns (B, T + new). Rows that have emitted an
-    EOS keep emitting it; generation ends early once every row has. Call model.eval() first."""
+             eos_token_id=None, generator=None, attention_mask=None, pad_token_id=None) -> torch.Tensor:
+    """Continue idx (B, T) by up to max_new_tokens; returns (B, T + new). Prompts of different
+    lengths come left-padded, with attention_mask (B, T): 1 for tokens, 0 for padding (as in
+    transformers). A row that has emitted an EOS is filled after it with pad_token_id, else the
+    config's pad_token_id, else the first EOS id (transformers' rule); generation ends early once
+    every row has. Call model.eval() first."""
+    _check_decoding(idx, max_new_tokens, temperature, top_k, top_p, attention_mask)
     eos = torch.tensor(_eos_ids(eos_token_id), dtype=torch.long, device=idx.device)
+    fill = pad_token_id if pad_token_id is not None else self.config.pad_token_id
+    fill = fill if fill is not None else eos[:1]  # transformers' rule: the pad id, else the first EOS
     out, done = [idx], torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
-    for token, _ in _next_tokens(self, idx, max_new_tokens, temperature, top_k, top_p, generator):
+    for token, _ in _next_tokens(self, idx, max_new_tokens, temperature, top_k, top_p, generator,
+                                 attention_mask=attention_mask):
         if len(eos):
-            token = torch.where(done, eos[0], token)
+            token = torch.where(done, fill, token)
             done |= torch.isin(token, eos)
         out.append(token[:, None])
         if len(eos) and done.all():
@@ -450,17 +593,23 @@ def generate(self: Qwen3, idx, max_new_tokens, temperature=1.0, top_k=None, top_
     return torch.cat(out, dim=1)
 
 
-@torch.no_grad()
 def stream(self: Qwen3, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
            eos_token_id=None, generator=None, with_probs=False):
     """Like generate for one sequence (1, T), but yields each new token id as soon as it exists.
     Stops at EOS without yielding it. with_probs=True yields (token id, probs) instead, probs (vocab,)
-    being the distribution the token was drawn from (what temperature, top-k and top-p made of it)."""
+    being the distribution the token was drawn from (what temperature, top-k and top-p made of it).
+    Bad arguments raise here, not at the first token."""
+    _check_decoding(idx, max_new_tokens, temperature, top_k, top_p, None)
+    if idx.size(0) != 1:
+        raise ValueError(f"stream takes one sequence, shape (1, T), got {tuple(idx.shape)}: use generate for batches")
     eos = set(_eos_ids(eos_token_id))
-    for token, probs in _next_tokens(self, idx, max_new_tokens, temperature, top_k, top_p, generator, with_probs):
-        if token.item() in eos:
-            return
-        yield (token.item(), probs[0]) if with_probs else token.item()
+
+    def tokens():
+        for token, probs in _next_tokens(self, idx, max_new_tokens, temperature, top_k, top_p, generator, with_probs):
+            if token.item() in eos:
+                return
+            yield (token.item(), probs[0]) if with_probs else token.item()
+    return tokens()
 
 
 Qwen3.generate, Qwen3.stream = generate, stream
@@ -475,18 +624,20 @@ Qwen3.generate, Qwen3.stream = generate, stream
 # transformers.
 #
 # config.json first. Field names are already transformers', so translating is mostly copying; the
-# wrinkles are RoPE's two spellings (transformers 4.x writes `rope_theta`, 5.x `rope_parameters`:
-# we read either and write both) and that where a config.json is silent, transformers' own
-# defaults apply, not this file's.
+# wrinkles are RoPE's spellings and that where a config.json is silent, transformers' own defaults
+# apply, not this file's. transformers 4.x writes `rope_theta` and `rope_scaling` (YaRN or null),
+# 5.x `rope_parameters` with the theta inside; we write both. Reading, we do as transformers 5
+# does: a non-empty `rope_scaling` replaces `rope_parameters` whole, and a theta missing from it
+# comes from `rope_theta`, else 10,000 (not from `rope_parameters`).
 
 
 def config_to_dict(self: Qwen3Config) -> dict:
     d = {k: v for k, v in asdict(self).items() if k != "dropout"}
     d["layer_types"] = ["full_attention" if self.layer_window(i) is None else "sliding_attention"
                         for i in range(self.num_hidden_layers)]
+    rope = d["rope_scaling"] or {"rope_type": "default"}
     return {"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "hidden_act": "silu",
-            **d, "attention_dropout": self.dropout, "rope_scaling": None,
-            "rope_parameters": {"rope_type": "default", "rope_theta": self.rope_theta}}
+            **d, "attention_dropout": self.dropout, "rope_parameters": {**rope, "rope_theta": self.rope_theta}}
 
 
 @classmethod
@@ -501,16 +652,17 @@ def config_from_dict(cls, d: dict) -> Qwen3Config:
                            "num_attention_heads") if k not in d]
     if missing:
         raise ValueError(f"missing field(s) {', '.join(missing)}")
-    rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
+    rope = d.get("rope_scaling") or d.get("rope_parameters") or {}
     if not isinstance(rope, dict):
-        raise ValueError(f"rope_parameters must be an object, got {rope!r}")
-    if rope.get("rope_type", rope.get("type", "default")) != "default":
-        raise ValueError(f"RoPE scaling {rope.get('rope_type', rope.get('type'))!r} is not supported")
+        raise ValueError(f"rope_scaling / rope_parameters must be an object, got {rope!r}")
+    rope_type = rope.get("rope_type", rope.get("type", "default"))  # "type": the oldest spelling
     known = {f.name for f in fields(cls)}
     hf_defaults = dict(num_key_value_heads=d["num_attention_heads"], head_dim=128, rope_theta=10_000.0,
                        max_position_embeddings=32768, tie_word_embeddings=False)  # transformers' Qwen3Config
     kwargs = {**hf_defaults, **{k: v for k, v in d.items() if k in known}}
     kwargs["rope_theta"] = float(rope.get("rope_theta", kwargs["rope_theta"]))
+    kwargs["rope_scaling"] = None if rope_type == "default" else {  # Qwen3Config rejects all but YaRN
+        **{k: v for k, v in rope.items() if k not in ("type", "rope_theta")}, "rope_type": rope_type}
     kwargs["dropout"] = float(d.get("attention_dropout", 0.0))
     if kwargs.get("num_key_value_heads") is None:
         kwargs["num_key_value_heads"] = d["num_attention_heads"]
@@ -590,7 +742,7 @@ def from_pretrained(cls, path, dtype=None, device=None) -> Qwen3:
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     if config.tie_word_embeddings:
         state.pop("lm_head.weight", None)  # some exporters store the tied head anyway
-        state["lm_head.weight"] = state.get("model.embed_tokens.weight")
+        del expected["lm_head.weight"]  # the embedding, tied below
     missing = sorted(k for k in expected if state.get(k) is None)
     unexpected = sorted(k for k in state if k not in expected)
     if missing or unexpected:
@@ -600,7 +752,9 @@ def from_pretrained(cls, path, dtype=None, device=None) -> Qwen3:
         if tuple(state[k].shape) != shape:
             raise CheckpointError(f"{path}: {k} has shape {list(state[k].shape)}, config.json implies {list(shape)}")
     state = {k: v.to(device=device, dtype=dtype if dtype is not None and v.is_floating_point() else v.dtype)
-             for k, v in state.items()}
+             for k, v in state.items()}  # before tying, so a tied embedding is converted once
+    if config.tie_word_embeddings:
+        state["lm_head.weight"] = state["model.embed_tokens.weight"]
     model.load_state_dict(state, strict=True, assign=True)
     if config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight  # assign=True replaced both; re-tie
@@ -650,10 +804,14 @@ def zeropower_via_newtonschulz(G: torch.Tensor, steps: int = 5, eps: float = 1e-
     if tall:
         X = X.mT  # iterate on the wide orientation: the Gram matrix X X^T is then the smaller one
     X = X / X.norm(dim=(-2, -1), keepdim=True).clamp(min=eps)  # Frobenius norm >= spectral: all s.v. <= 1
-    for _ in range(steps):
-        A = X @ X.mT  # (n, rows, rows)
-        B = torch.baddbmm(A, A, A, beta=b, alpha=c)  # b A + c A^2, one fused op (as torch.optim.Muon)
-        X = torch.baddbmm(X, B, X, beta=a)  # a X + B X: a quintic polynomial in the singular values
+    # the steps take turns writing into the same few buffers (on a CPU fresh memory costs a page
+    # fault per 4 KB); the result is bit-identical to fresh tensors for each product
+    A = X.new_empty(X.size(0), X.size(1), X.size(1))  # (n, rows, rows)
+    B, out = torch.empty_like(A), [X.new_empty(X.shape), X.new_empty(X.shape)]
+    for i in range(steps):
+        torch.bmm(X, X.mT, out=A)  # A = X X^T
+        torch.baddbmm(A, A, A, beta=b, alpha=c, out=B)  # b A + c A^2, one fused op (as torch.optim.Muon)
+        X = torch.baddbmm(X, B, X, beta=a, out=out[i % 2])  # a X + B X: a quintic polynomial in the s.v.
     return (X.mT if tall else X).reshape(G.shape)
 
 
@@ -684,10 +842,17 @@ class Muon(torch.optim.Optimizer):
                     by_shape.setdefault(p.shape, []).append(p)
             for shape, params in by_shape.items():
                 grads = [p.grad for p in params]
-                bufs = [self.state[p].setdefault("momentum_buffer", torch.zeros_like(p)) for p in params]
+                for p in params:
+                    if "momentum_buffer" not in self.state[p]:
+                        self.state[p]["momentum_buffer"] = torch.zeros_like(p)
+                bufs = [self.state[p]["momentum_buffer"] for p in params]
                 torch._foreach_lerp_(bufs, grads, 1 - group["momentum"])  # buf = beta buf + (1 - beta) g
-                updates = torch.stack([g.lerp(b, group["momentum"]) for g, b in zip(grads, bufs)]
-                                      if group["nesterov"] else bufs)  # (n, rows, cols)
+                if group["nesterov"]:  # written straight into the stack: one pass over the matrices
+                    updates = grads[0].new_empty(len(params), *shape)  # (n, rows, cols)
+                    for g, b, u in zip(grads, bufs, updates):
+                        torch.lerp(g, b, group["momentum"], out=u)
+                else:
+                    updates = torch.stack(bufs)
                 dtype = group["ns_dtype"] or (torch.float32 if updates.device.type == "cpu" else torch.bfloat16)
                 updates = self._orthogonalize(updates, group["ns_steps"], dtype)
                 scale = max(1.0, shape[0] / shape[1]) ** 0.5  # tall matrices: keep the update's RMS up
@@ -815,3 +980,65 @@ def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.T
     256 was among the fastest: smaller chunks re-read W more often, larger ones gain nothing and
     hold more memory."""
     return LinearCrossEntropy.apply(h, weight, targets, chunk_size, torch.is_grad_enabled())
+
+
+# %% A2. A preallocated KV cache
+# Section 7's cache grows by torch.cat: every new token copies the whole past of every layer into
+# fresh memory. This one allocates each layer's keys and values once, for the whole generation,
+# and writes each new token in place; what update returns is a view of the filled part, the same
+# keys KVCache would return (a sliding layer: only those its queries may still see). The storage
+# never moves or changes shape: the first thing CUDA graphs need (the second, fixed shapes for
+# attention too, would mean attending over the whole buffer with a mask; not done here).
+
+
+class StaticKVCache(KVCache):
+    """KVCache's contract on storage for max_len tokens of batch_size rows, in the model's dtype.
+    keys[i] and values[i] are the whole buffers (B, n_kv, max_len, hd)."""
+
+    def __init__(self, model: Qwen3, batch_size: int, max_len: int):
+        super().__init__(model.config)
+        c, w = model.config, model.lm_head.weight
+        shape = (batch_size, c.num_key_value_heads, max_len, c.head_dim)
+        self.keys = [torch.empty(shape, dtype=w.dtype, device=w.device) for _ in self.windows]
+        self.values = [torch.empty(shape, dtype=w.dtype, device=w.device) for _ in self.windows]
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        start, end = self.seen_tokens, self.seen_tokens + k.size(2)
+        if end > self.keys[layer].size(2):
+            raise ValueError(f"the cache holds {self.keys[layer].size(2)} tokens, not {end}")
+        self.keys[layer][:, :, start:end] = k
+        self.values[layer][:, :, start:end] = v
+        window = self.windows[layer]
+        S = end if window is None else min(end, window - 1 + k.size(2))  # as many keys as KVCache returns
+        return self.keys[layer][:, :, end - S:end], self.values[layer][:, :, end - S:end]
+
+
+# %% A3. float16 decoding, with an overflow guard
+# Decoding one token reads every weight once, so halving the bytes per weight can nearly halve the
+# time, where the hardware converts float16 fast: x86 CPUs with F16C do (one vector through the
+# Qwen3-0.6B head: 18.8 ms in float16, 41.3 ms in float32 on the 2-core development machine),
+# while many have no bfloat16 arithmetic at all. But Qwen3 was trained in bfloat16, whose range
+# (to 3e38) float16 lacks (to 65504): an activation may overflow to inf. inf plus anything finite
+# stays inf and a norm or softmax over it gives NaN, so an overflow anywhere reaches the final
+# hidden states; that is where it is checked, once per forward pass. Qwen3Model raises
+# Float16Overflow; generation catches it, converts the model to float32 (with a warning),
+# recomputes the sequence so far and goes on, so every token from then on is float32's.
+
+
+class Float16Overflow(FloatingPointError):
+    """A float16 forward pass produced inf or NaN (a value beyond float16's +-65504)."""
+
+
+def check_float16(x: torch.Tensor):
+    if not torch.isfinite(x).all():
+        raise Float16Overflow("float16 overflowed (inf or NaN in the hidden states)")
+
+
+def continue_in_float32(model: Qwen3, seq, attention_mask, max_len: int, error: Float16Overflow):
+    """Convert model to float32 and prefill seq (B, T') afresh; returns (cache, last logits (B, vocab))."""
+    warnings.warn(f"{error}; the model now runs in float32", RuntimeWarning, stacklevel=4)
+    model.float()
+    cache = StaticKVCache(model, seq.size(0), max_len)
+    if attention_mask is not None:  # the prompt's padding; every token since is real
+        attention_mask = F.pad(attention_mask, (0, seq.size(1) - attention_mask.size(1)), value=1)
+    return cache, model.lm_head(model.model(seq, cache, attention_mask)[:, -1])
