@@ -5,12 +5,18 @@ one process, one machine, alternating between the two so both see the same machi
     python bench.py                      # CPU defaults: seed config, B=8 T=256, fp32
     python bench.py --device cuda        # GPU defaults: B=24 T=512, bf16 autocast
     python bench.py --device cuda --compile
+    python bench.py --shape qwen3-0.6b           # decode rows only, at the real Qwen3-0.6B shape (slow)
 
 Prints a table of ratios (ours / theirs; above 1 means we are faster, or use less memory for the
-memory row) and writes the raw numbers as JSON (--json).
+memory row) and writes the raw numbers as JSON (--json). Every decode row also prints its
+bandwidth bound: the bytes of weights one decoding step reads, over the speed at which F.linear
+streams those very matrices (the model's own weights, one vector or one row per sequence through
+each, in the order of a step), measured in the same rounds as the two models; and the fraction
+of that bound each side reaches.
 """
 
 import argparse
+import copy
 import json
 import multiprocessing
 import os
@@ -23,7 +29,7 @@ from datetime import date
 
 import torch
 
-from qwen3 import Muon, Qwen3, Qwen3Config
+from qwen3 import PRESETS, Muon, Qwen3, Qwen3Config
 
 
 def parse_args():
@@ -33,10 +39,15 @@ def parse_args():
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--batch-size", type=int, default=None, help="default 8 on CPU, 24 on GPU")
     p.add_argument("--seq-len", type=int, default=None, help="default 256 on CPU, 512 on GPU")
-    p.add_argument("--decode-tokens", type=int, default=64, help="new tokens per batch-1 decoding run")
+    p.add_argument("--decode-tokens", type=int, default=64, help="new tokens per decoding run")
+    p.add_argument("--decode-dtypes", default="float32,float16",
+                   help="comma-separated dtypes of the batch-1 decode rows (CPU; on GPUs, bf16 autocast)")
+    p.add_argument("--shape", default=None, choices=["qwen3-0.6b"],
+                   help="decode rows only, at this preset's full shape and vocabulary, random weights (no hub)")
     p.add_argument("--repeats", type=int, default=5, help="timed repetitions per measurement (median is kept)")
     p.add_argument("--compile", action="store_true", help="torch.compile both models")
-    p.add_argument("--skip", default="", help="comma-separated measurements to skip: train,forward,decode,memory,muon")
+    p.add_argument("--skip", default="", help="comma-separated measurements to skip: "
+                   "train,forward,decode,batch-decode,memory,muon")
     p.add_argument("--json", default=None, help="write the results here as JSON")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args()
@@ -106,16 +117,48 @@ def forward_fn(model, x, ours, args):
     return fwd
 
 
-def decode_fn(model, prompt, n, ours, args):
+def decode_fn(model, prompt, n, ours, args, mask=None):
+    """Greedy decoding of n new tokens per row; mask (B, T): left padding, as in transformers."""
     @torch.no_grad()
     def dec():
         with autocast(args):
             if ours:
-                model.generate(prompt, n, temperature=0)
+                model.generate(prompt, n, temperature=0, attention_mask=mask)
             else:
-                model.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                               eos_token_id=None, pad_token_id=0)
+                model.generate(prompt, attention_mask=torch.ones_like(prompt) if mask is None else mask,
+                               max_new_tokens=n, min_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0)
     return dec
+
+
+def decode_weights(model):
+    """The matrices one decoding step reads, in the order it reads them: every layer's projections,
+    then the output head (the embedding contributes one row per token, nothing to speak of)."""
+    names = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+             "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+    layers = [layer.get_submodule(n).weight for layer in model.model.layers for n in names]
+    return [w.detach() for w in layers] + [model.lm_head.weight.detach()]
+
+
+def gemv_fn(weights, rows, n):
+    """n passes of F.linear through `weights` with `rows` input vectors: the matrix-vector work of
+    n decoding steps and nothing else, so 1 / (its time / n) bounds the steps per second."""
+    xs = [torch.randn(rows, w.size(1), dtype=w.dtype, device=w.device) for w in weights]
+
+    @torch.no_grad()
+    def passes():
+        for _ in range(n):
+            for w, x in zip(weights, xs):
+                torch.nn.functional.linear(x, w)
+    return passes
+
+
+def padded_prompts(cfg, B, device, seed=0):
+    """B prompts of different lengths (4 to 32 tokens), left-padded: ids (B, 32) and mask (B, 32)."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.linspace(4, 32, B).round().long().tolist()
+    ids = torch.randint(0, cfg.vocab_size, (B, 32), generator=g)
+    mask = (torch.arange(32)[None, :] >= 32 - torch.tensor(lengths)[:, None]).long()
+    return ids.to(device), mask.to(device)
 
 
 def adamw(model):
@@ -189,6 +232,9 @@ def peak_memory(args, ours):
 
 def main():
     args = parse_args()
+    if args.shape:  # the real shape's decoding only: its training rows would take hours here
+        args.preset, args.vocab_size = args.shape, PRESETS[args.shape]["vocab_size"]
+        args.skip = ",".join(filter(None, [args.skip, "train,forward,memory,muon"]))
     gpu = args.device.startswith("cuda")
     args.batch_size = args.batch_size or (24 if gpu else 8)
     args.seq_len = args.seq_len or (512 if gpu else 256)
@@ -231,12 +277,36 @@ def main():
     if "forward" not in skip:
         t_ours, t_theirs = timed([forward_fn(ours, x, True, args), forward_fn(theirs, x, False, args)], args)
         record("forward", "tok/s", B * T / t_ours, B * T / t_theirs)
+    def decode_row(name, m_ours, m_theirs, prompt, mask=None):
+        """New tokens/s of both, and the bandwidth bound measured in the same rounds."""
+        n, B = args.decode_tokens, prompt.size(0)
+        weights = decode_weights(m_ours)
+        t_ours, t_theirs, t_gemv = timed([decode_fn(m_ours, prompt, n, True, args, mask),
+                                          decode_fn(m_theirs, prompt, n, False, args, mask),
+                                          gemv_fn(weights, B, n)], args, warmup=1)
+        record(name, "tok/s", B * n / t_ours, B * n / t_theirs)
+        per_step = sum(w.numel() * w.element_size() for w in weights)
+        bound = B * n / t_gemv
+        res["results"][name].update(bound=bound, weight_bytes_per_step=per_step, gemv_gb_per_s=per_step * n / t_gemv / 1e9,
+                                    fraction_ours=B * n / t_ours / bound, fraction_transformers=B * n / t_theirs / bound)
+        r = res["results"][name]
+        print(f"{'':<28} bound {bound:,.1f} tok/s ({per_step / 1e6:,.0f} MB of weights per step at "
+              f"{r['gemv_gb_per_s']:.1f} GB/s): ours {r['fraction_ours']:.2f} of it, transformers "
+              f"{r['fraction_transformers']:.2f}", flush=True)
+
     if "decode" not in skip:
-        prompt = x[:1, :16]
-        n = args.decode_tokens
-        t_ours, t_theirs = timed([decode_fn(ours, prompt, n, True, args), decode_fn(theirs, prompt, n, False, args)],
-                                 args, warmup=1)
-        record("decode, batch 1, greedy", "tok/s", n / t_ours, n / t_theirs)
+        for dtype in ["bf16 autocast"] if gpu else args.decode_dtypes.split(","):
+            if gpu:
+                decode_row("decode, batch 1, greedy", ours, theirs, x[:1, :16])
+                continue
+            d = getattr(torch, dtype)
+            m_ours, m_theirs = (ours, theirs) if d == torch.float32 else (copy.deepcopy(ours).to(d), copy.deepcopy(theirs).to(d))
+            suffix = "" if d == torch.float32 else f", {dtype}"  # the float32 row keeps its old name
+            decode_row(f"decode, batch 1, greedy{suffix}", m_ours, m_theirs, x[:1, :16])
+            del m_ours, m_theirs
+    if "batch-decode" not in skip:
+        ids, mask = padded_prompts(cfg, 8, args.device)
+        decode_row("decode, batch 8, padded prompts", ours, theirs, ids, mask)
     if "memory" not in skip:
         record("train step peak memory", "MiB", peak_memory(args, True) / 2**20, peak_memory(args, False) / 2**20,
                higher_is_better=False)

@@ -6,6 +6,8 @@ Sample text from a Qwen3 checkpoint: one of our training runs, or any Hugging Fa
     echo "Once upon a time" | python generate.py --prompt -
     python generate.py --ckpt path/to/Qwen3-0.6B --chat  # chat through the tokenizer's chat template
     python generate.py --prompt "The city of" --show-probs  # each token with its likeliest candidates
+    python generate.py --prompt "Once" --prompt "The sea"   # several prompts, decoded as one batch
+    python generate.py --prompt-file prompts.txt          # one prompt per line, one batch
 
 The prompt is run through the model once to fill a KV cache (prefill); after that each step feeds
 only the newest token (Qwen3.stream / Qwen3.generate in qwen3.py).
@@ -342,11 +344,46 @@ def prepare(model, tokenizer, prompt, s, chat, show_prompt):
 # -----------------------------------------------------------------------------
 # the two modes
 
+def read_prompts(args):
+    """--prompt (repeatable; "-" reads stdin) and --prompt-file (one prompt per line), in order."""
+    prompts = [sys.stdin.read().removesuffix("\n") if p == "-" else p for p in args.prompt or []]
+    if args.prompt_file:
+        try:
+            with open(args.prompt_file, encoding="utf-8") as f:
+                prompts += [line.rstrip("\r\n") for line in f if line.strip()]
+        except (OSError, UnicodeDecodeError) as e:
+            raise GenerateError(f"--prompt-file {args.prompt_file}: {e.strerror or e}") from None
+        if not prompts:
+            raise GenerateError(f"--prompt-file {args.prompt_file} holds no prompt (one per line)")
+    return prompts
+
+
+def one_batch(args, model, tokenizer, stop, s, prompts):
+    """Several prompts (each --num-samples times) left-padded into one batch for Qwen3.generate;
+    each continuation is printed when all are done, separated by a line."""
+    if s["show_probs"]:
+        raise GenerateError("--show-probs takes one prompt")
+    prepared = [prepare(model, tokenizer, [{"role": "user", "content": p}] if args.chat else p, s, args.chat,
+                        args.show_prompt) for p in prompts for _ in range(args.num_samples)]
+    n = min(settings["max_new_tokens"] for _, settings in prepared)
+    T = max(len(ids) for ids, _ in prepared)
+    device = next(model.parameters()).device
+    idx = torch.tensor([[0] * (T - len(ids)) + ids for ids, _ in prepared], device=device)  # left padding
+    mask = torch.tensor([[0] * (T - len(ids)) + [1] * len(ids) for ids, _ in prepared], device=device)
+    out = model.generate(idx, n, temperature=s["temperature"], top_k=s["top_k"], top_p=s["top_p"],
+                         eos_token_id=stop, generator=make_generator(device, s["seed"]), attention_mask=mask)
+    for i, ((ids, _), row) in enumerate(zip(prepared, out[:, T:].tolist())):
+        new = row[:next((j for j, t in enumerate(row) if t in stop), len(row))]  # up to the first stop
+        if i:
+            print("---------------")
+        print(tokenizer.decode(new if args.chat else ids + new, skip_special_tokens=True))
+
+
 def one_shot(args, model, tokenizer, stop, s):
-    if args.prompt == "-":
-        prompt = sys.stdin.read().removesuffix("\n")
-    else:
-        prompt = args.prompt
+    prompts = read_prompts(args)
+    if len(prompts) > 1:
+        return one_batch(args, model, tokenizer, stop, s, prompts)
+    prompt = prompts[0]
     ids, s = prepare(model, tokenizer, [{"role": "user", "content": prompt}] if args.chat else prompt,
                      s, args.chat, args.show_prompt)
     generator = make_generator(next(model.parameters()).device, s["seed"])
@@ -460,8 +497,11 @@ def get_parser():
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--ckpt", default="out", help="checkpoint dir (config.json, model.safetensors, tokenizer files; "
                    "any Hugging Face Qwen3 dir) or a training run dir (uses its best/, else its last/)")
-    p.add_argument("--prompt", default=None, help='generate from this prompt, print and exit ("-" reads it from '
-                   'stdin, "" samples unconditionally); without it, open the interactive prompt')
+    p.add_argument("--prompt", default=None, action="append", help='generate from this prompt, print and exit ("-" '
+                   'reads it from stdin, "" samples unconditionally); repeat it for several prompts, decoded as '
+                   'one batch; without it (or --prompt-file), open the interactive prompt')
+    p.add_argument("--prompt-file", default=None, help="a text file of prompts, one per line (blank lines "
+                   "skipped), decoded as one batch, after any --prompt")
     p.add_argument("-n", "--max-new-tokens", type=int, default=100, help="max new tokens per generation")
     p.add_argument("--temperature", type=float, default=0.8, help="softmax temperature; 0 = greedy")
     p.add_argument("--top-k", type=int, default=50, help="sample only from the k most likely tokens; 0 = off")
@@ -477,7 +517,8 @@ def get_parser():
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
                    help="auto: cuda, else mps, else cpu")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="auto: bfloat16 on cuda (float16 if unsupported), float32 elsewhere")
+                   help="auto: bfloat16 on cuda (float16 if unsupported), float32 elsewhere; on x86 CPUs with "
+                   "F16C, float16 reads half the bytes per token (README: Speed)")
     p.add_argument("--show-prompt", action="store_true",
                    help="print the exact prompt the model gets (chat template, truncation) to stderr")
     p.add_argument("--show-probs", action="store_true", help="with each new token, print a line to stdout: the "
@@ -494,7 +535,7 @@ def main(argv=None):
         for name in RULES:
             check(name, getattr(args, name))
         ckpt, model, tokenizer, stop = load(args)
-        if args.prompt is None:
+        if args.prompt is None and args.prompt_file is None:
             interactive(args, ckpt, model, tokenizer, stop, s)
         else:
             one_shot(args, model, tokenizer, stop, s)

@@ -1,0 +1,263 @@
+"""Decoding: batches of prompts of different lengths (left padding and an attention mask, as in
+transformers), the preallocated KV cache of qwen3.py's Appendix A2, float16's overflow guard (A3),
+and generate / stream refusing bad input. Oracles: transformers' Qwen3ForCausalLM (forward and
+generate), our full forward pass without a cache, and each prompt generated on its own. fp32, CPU."""
+import warnings
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from qwen3 import Float16Overflow, KVCache, StaticKVCache, left_padding
+
+V = 101  # vocab of the tiny test models (conftest.TINY)
+PAD = 0  # the padding id we write; what stands in padded slots must not matter (see left_pad)
+SLIDING = dict(num_hidden_layers=3, use_sliding_window=True, sliding_window=4, max_window_layers=1)
+SHAPES = {  # dense and sliding, GQA and MQA
+    "full_gqa": dict(),
+    "sliding_w4_gqa": SLIDING,
+    "all_sliding_mqa_tied": dict(use_sliding_window=True, sliding_window=3, max_window_layers=0,
+                                 num_key_value_heads=1, tie_word_embeddings=True),
+}
+
+
+def rand_ids(shape, seed=0):
+    return torch.randint(0, V, shape, generator=torch.Generator().manual_seed(seed))
+
+
+def left_pad(prompts, seed=0):
+    """Prompts (lists of ids) -> idx (B, T) left-padded with random ids (so that a model reading
+    the padding would be caught) and mask (B, T), 1 for tokens, 0 for padding."""
+    T = max(map(len, prompts))
+    idx = rand_ids((len(prompts), T), seed)
+    mask = torch.zeros(len(prompts), T, dtype=torch.long)
+    for b, p in enumerate(prompts):
+        idx[b, T - len(p):] = torch.tensor(p)
+        mask[b, T - len(p):] = 1
+    return idx, mask
+
+
+def hf_positions(mask):
+    """The position ids transformers' generate derives from a mask (its forward does not)."""
+    return (mask.cumsum(-1) - 1).clamp(min=0)
+
+
+# %% left padding: forward, generate
+
+@pytest.mark.parametrize("name", SHAPES)
+def test_padded_forward_matches_transformers_and_each_row_alone(name, model_pair, assert_logits_close):
+    hf, ours = model_pair(seed=2, **SHAPES[name])
+    prompts = [rand_ids((n,), seed=10 + n).tolist() for n in (9, 4, 1, 7)]
+    idx, mask = left_pad(prompts, seed=3)
+    with torch.no_grad():
+        got, _ = ours(idx, attention_mask=mask)
+        want = hf(idx, attention_mask=mask, position_ids=hf_positions(mask)).logits
+        assert torch.isfinite(got).all()  # padding rows (every key masked but their own) too
+        real = mask.bool()
+        assert_logits_close(got[real], want[real])
+        for b, p in enumerate(prompts):  # a padded row computes what the row computes alone
+            alone, _ = ours(torch.tensor([p]))
+            assert_logits_close(got[b, -len(p):], alone[0])
+
+
+@pytest.mark.parametrize("name", SHAPES)
+def test_padded_greedy_generate_matches_transformers_and_one_at_a_time(name, model_pair):
+    hf, ours = model_pair(seed=1, **SHAPES[name])
+    prompts = [rand_ids((n,), seed=20 + n).tolist() for n in (6, 2, 9, 1)]
+    idx, mask = left_pad(prompts, seed=4)
+    n = 20  # far past every window
+    got = ours.generate(idx, n, temperature=0, attention_mask=mask)
+    want = hf.generate(idx, attention_mask=mask, do_sample=False, max_new_tokens=n, min_new_tokens=n,
+                       eos_token_id=None, pad_token_id=PAD)
+    assert got.shape == (4, idx.size(1) + n)
+    assert torch.equal(got, want), f"ours {got.tolist()}\nhf   {want.tolist()}"
+    for b, p in enumerate(prompts):
+        alone = ours.generate(torch.tensor([p]), n, temperature=0)
+        assert got[b, idx.size(1):].tolist() == alone[0, len(p):].tolist(), b
+
+
+def test_padded_sampling_draws_what_each_row_alone_draws(model_pair):
+    # With temperature, each row's distribution is its own: a one-row batch and a padded batch
+    # put the same probabilities on every token (the draws themselves differ: one generator).
+    hf, ours = model_pair(seed=5, **SLIDING)
+    prompts = [rand_ids((n,), seed=30 + n).tolist() for n in (5, 2)]
+    idx, mask = left_pad(prompts, seed=6)
+    with torch.no_grad():
+        logits, _ = ours(idx, attention_mask=mask)
+        for b, p in enumerate(prompts):
+            alone, _ = ours(torch.tensor([p]))
+            torch.testing.assert_close(logits[b, -1].softmax(-1), alone[0, -1].softmax(-1), rtol=1e-5, atol=1e-7)
+
+
+def test_finished_rows_are_padded_as_transformers_does(model_pair):
+    # transformers fills a row that has emitted an EOS with pad_token_id, else with the first EOS id
+    hf, ours = model_pair(seed=8)
+    prompt, n = rand_ids((3, 4), seed=9), 10
+    free = ours.generate(prompt, n, temperature=0)[:, 4:]
+    eos = [free[1, 2].item(), free[0, 1].item()]  # rows stop at different steps, on different EOS ids
+    for pad in (7, None):
+        got = ours.generate(prompt, n, temperature=0, eos_token_id=eos, pad_token_id=pad)
+        want = hf.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False, max_new_tokens=n,
+                           eos_token_id=eos, pad_token_id=pad)  # None: transformers falls back to eos[0]
+        assert torch.equal(got, want), f"pad {pad}\nours {got.tolist()}\nhf   {want.tolist()}"
+    ours.config.pad_token_id = 5  # without the argument, the config's pad id
+    got = ours.generate(prompt, n, temperature=0, eos_token_id=eos)
+    assert torch.equal(got, ours.generate(prompt, n, temperature=0, eos_token_id=eos, pad_token_id=5))
+    assert (got[:, 4:] == 5).any()
+
+
+# %% the preallocated cache, step by step, against the full forward pass
+
+def decode_and_compare(ours, idx, mask, cuts, assert_logits_close):
+    """Feed idx (B, T) in chunks through StaticKVCache and through KVCache: at every step both
+    give the logits of one full forward pass; returns the static cache."""
+    with torch.no_grad():
+        full, _ = ours(idx, attention_mask=mask)
+        real = torch.ones_like(idx, dtype=torch.bool) if mask is None else mask.bool()
+        static, plain = StaticKVCache(ours, idx.size(0), idx.size(1) + 2), KVCache(ours.config)
+        for a, b in zip([0, *cuts], [*cuts, idx.size(1)]):
+            m = mask if (a == 0 and mask is not None) else None  # the mask goes with the first call
+            m = m[:, :b] if m is not None else None
+            for cache in (static, plain):
+                logits, _ = ours(idx[:, a:b], cache=cache, attention_mask=m)
+                keep = real[:, a:b]
+                assert_logits_close(logits[keep], full[:, a:b][keep])
+                assert cache.seen_tokens == b
+    return static
+
+
+@pytest.mark.parametrize("name", SHAPES)
+@pytest.mark.parametrize("padded", [False, True])
+def test_static_cache_matches_full_forward_every_step(name, padded, model_pair, assert_logits_close):
+    hf, ours = model_pair(seed=4, **SHAPES[name])
+    if padded:  # three prompts (12, 5 and 1 tokens) in one call with their mask, then 8 steps of one token
+        idx, mask = left_pad([rand_ids((n,), seed=n).tolist() for n in (12, 5, 1)], seed=7)
+        idx, mask = torch.cat([idx, rand_ids((3, 8), seed=8)], 1), torch.cat([mask, torch.ones(3, 8, dtype=torch.long)], 1)
+        cuts = list(range(12, 20))
+    else:  # batch 1: a prefill of 4, then 16 steps of one token
+        idx, mask, cuts = rand_ids((1, 20), seed=5), None, list(range(4, 20))
+    cache = decode_and_compare(ours, idx, mask, cuts, assert_logits_close)
+    assert cache.keys[0].shape[2] == idx.size(1) + 2  # allocated once, for the whole length
+
+
+@st.composite
+def padded_batches(draw):
+    B = draw(st.integers(1, 3), label="B")
+    lengths = draw(st.lists(st.integers(1, 10), min_size=B, max_size=B), label="lengths")
+    return left_pad([rand_ids((n,), seed=i * 31 + n).tolist() for i, n in enumerate(lengths)],
+                    seed=draw(st.integers(0, 99)))
+
+
+@settings(derandomize=True, database=None, deadline=None, max_examples=40,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_static_cache_with_padding_matches_full_forward_and_transformers(data, model_pair, assert_logits_close):
+    draw = data.draw
+    L, n_kv, group = draw(st.integers(1, 3), label="layers"), draw(st.integers(1, 2)), draw(st.integers(1, 3))
+    idx, mask = draw(padded_batches())
+    prompt_len, extra = idx.size(1), draw(st.integers(0, 6), label="decoded")
+    overrides = dict(num_hidden_layers=L, num_key_value_heads=n_kv, num_attention_heads=n_kv * group,
+                     head_dim=2 * draw(st.integers(1, 4)), hidden_size=16, intermediate_size=24,
+                     use_sliding_window=True, sliding_window=draw(st.integers(1, prompt_len + extra + 2), label="window"),
+                     max_window_layers=draw(st.integers(0, L - 1)))
+    hf, ours = model_pair(seed=draw(st.integers(0, 1000), label="seed"), **overrides)
+    seq = torch.cat([idx, rand_ids((idx.size(0), extra), seed=extra)], dim=1)
+    full_mask = torch.cat([mask, torch.ones(idx.size(0), extra, dtype=torch.long)], dim=1)
+    # the prompt in one call (with its mask), then the extra tokens in chunks of random sizes
+    cuts = sorted(draw(st.sets(st.integers(prompt_len + 1, seq.size(1) - 1)), label="cuts")) if extra > 1 else []
+    with torch.no_grad():  # transformers is the oracle for the padded full pass
+        real = full_mask.bool()
+        ours_full, _ = ours(seq, attention_mask=full_mask)
+        hf_full = hf(seq, attention_mask=full_mask, position_ids=hf_positions(full_mask)).logits
+        assert_logits_close(ours_full[real], hf_full[real])
+    decode_and_compare(ours, seq, full_mask, [prompt_len, *cuts] if extra else [], assert_logits_close)
+
+
+def test_left_padding_helper():
+    assert left_padding(torch.tensor([[0, 0, 1], [1, 1, 1], [0, 1, 1]])).tolist() == [2, 0, 1]
+    with pytest.raises(ValueError, match="left padding"):
+        left_padding(torch.tensor([[1, 0, 1]]))
+    with pytest.raises(ValueError, match="only 0"):
+        left_padding(torch.tensor([[0, 2]]))
+
+
+# %% float16 and its overflow guard
+
+def overflowing_pair(model_pair):
+    """(fp32 model, its fp16 copy) whose layer-0 MLP writes ~1e5 into the residual stream: finite in
+    float32, beyond float16's 65504."""
+    _, ours = model_pair(seed=11)
+    with torch.no_grad():
+        ours.model.layers[0].mlp.down_proj.weight *= 1e5
+    half = type(ours)(ours.config).eval()
+    half.load_state_dict(ours.state_dict())
+    return ours, half.half()
+
+
+def test_float16_overflow_is_caught_and_generation_goes_on_in_float32(model_pair):
+    ours, half = overflowing_pair(model_pair)
+    prompt = rand_ids((2, 6), seed=12)
+    with torch.no_grad():
+        logits32, _ = ours(prompt)
+        assert torch.isfinite(logits32).all() and logits32.abs().max() < 1e5
+        with pytest.raises(Float16Overflow):  # the plain forward pass never returns inf or NaN
+            half(prompt)
+    want = ours.generate(prompt, 8, temperature=0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = half.generate(prompt, 8, temperature=0)
+    assert any("float16 overflowed" in str(w.message) for w in caught)
+    assert torch.equal(got, want)  # recomputed in float32 from the start: float32's tokens
+    assert half.lm_head.weight.dtype == torch.float32  # and it stays in float32 from then on
+
+
+def test_float16_decoding_stays_close_to_float32(model_pair):
+    _, ours = model_pair(seed=13, **SLIDING)
+    half = type(ours)(ours.config).eval()
+    half.load_state_dict(ours.state_dict())
+    half.half()
+    idx, mask = left_pad([rand_ids((n,), seed=n).tolist() for n in (7, 3)], seed=14)
+    with torch.no_grad():
+        want, _ = ours(idx, attention_mask=mask)
+        got, _ = half(idx, attention_mask=mask)
+    real = mask.bool()
+    assert got.dtype == torch.float16 and torch.isfinite(got).all()
+    err = (got[real].float() - want[real]).abs().max().item()
+    assert err < 2e-2 * want.abs().max().item(), err  # float16 keeps 11 bits: ~1e-3 relative per op
+
+
+# %% bad input: one clear ValueError before any work
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(idx=torch.zeros(1, 0, dtype=torch.long)), "empty"),
+    (dict(idx=torch.zeros(4, dtype=torch.long)), r"shape \(B, T\)"),
+    (dict(idx=torch.zeros(1, 3)), "token ids"),
+    (dict(max_new_tokens=-3), "max_new_tokens"),
+    (dict(max_new_tokens=2.5), "max_new_tokens"),
+    (dict(temperature=-1.0), "temperature"),
+    (dict(temperature=float("nan")), "temperature"),
+    (dict(top_k=-1), "top_k"),
+    (dict(top_p=0.0), "top_p"),
+    (dict(attention_mask=torch.ones(1, 2, dtype=torch.long)), "shape"),
+    (dict(attention_mask=torch.tensor([[1, 1, 0]])), "end with a token"),
+])
+def test_generate_and_stream_refuse_bad_input_up_front(kwargs, match, model_pair):
+    _, ours = model_pair(seed=0)
+    args = dict(idx=rand_ids((1, 3)), max_new_tokens=4, temperature=0.0)
+    args.update(kwargs)
+    mask = args.pop("attention_mask", None)
+    with pytest.raises(ValueError, match=match):
+        ours.generate(**args, attention_mask=mask)
+    if mask is None:
+        with pytest.raises(ValueError, match=match):
+            ours.stream(**args)  # at the call, not at the first token
+    with pytest.raises(ValueError, match="one sequence"):
+        ours.stream(rand_ids((2, 3)), 4)
+
+
+def test_zero_new_tokens_returns_the_prompt(model_pair):
+    _, ours = model_pair(seed=0)
+    prompt = rand_ids((2, 3))
+    assert torch.equal(ours.generate(prompt, 0), prompt)
+    assert list(ours.stream(prompt[:1], 0)) == []
