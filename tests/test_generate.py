@@ -12,6 +12,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -369,8 +370,11 @@ def test_interactive_seed_command_reseeds(ckpt, capsys, monkeypatch):
 
 def spawn(*argv):
     env = {**os.environ, "TERM": "dumb"}  # no terminal escape codes from readline
+    # A shell starts background jobs with SIGINT ignored, and children inherit that: the child gets
+    # the default back, so that ^C reaches generate.py as it would from a terminal.
     return pexpect.spawn(sys.executable, [SCRIPT, *map(str, argv), "--device", "cpu"], cwd=str(ROOT),
-                         env=env, encoding="utf-8", timeout=120)
+                         env=env, encoding="utf-8", timeout=120,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def test_interactive_session(long_ckpt, hf, tok):
