@@ -6,8 +6,9 @@ run (train.py's defaults for the device, seed 1337), each optimizer over three p
     python benchmarks/optimizers.py --max-steps 6 --eval-every 3 --work-dir /tmp/opt --out /tmp/opt/optimizers
     python benchmarks/optimizers.py --device cuda --out benchmarks/results/optimizers-gpu
 
-Sweeps: AdamW --lr 1e-3, 3e-3, 1e-2 (AdamW everywhere); Muon --muon-lr 0.01, 0.02, 0.04 for the
-hidden matrices, with the AdamW part (embeddings, head, gains) at train.py's --lr 3e-3. The
+Sweeps: AdamW --lr 1e-3, 3e-3, 1e-2 (AdamW everywhere); Muon --muon-lr 0.005, 0.01, 0.02 for the
+hidden matrices, with the AdamW part (embeddings, head, gains) at train.py's default --lr for Muon
+(3e-2 on CPU). The
 target is the best AdamW run's final validation loss; for every run the table gives its final
 validation loss and bits per byte, its time per optimizer step (evaluations excluded), and when
 it first reaches the target, interpolated linearly between evaluations, in steps, wall seconds
@@ -36,7 +37,8 @@ def parse_args(argv=None):
     p.add_argument("--max-steps", type=int, default=None, help="steps of every run (default: train.py's)")
     p.add_argument("--eval-every", type=int, default=None, help="evaluate every N steps (default: train.py's)")
     p.add_argument("--adamw-lrs", default="1e-3,3e-3,1e-2", help="AdamW peak learning rates")
-    p.add_argument("--muon-lrs", default="0.01,0.02,0.04", help="Muon peak learning rates (AdamW part: --lr 3e-3)")
+    p.add_argument("--muon-lrs", default="0.005,0.01,0.02", help="Muon peak learning rates (AdamW part: train.py's "
+                   "default --lr with muon)")
     p.add_argument("--extra", default="", help="more train.py flags for every run, e.g. '--compile'")
     p.add_argument("--work-dir", default=str(ROOT / "out-optimizers"), help="the runs' out-dirs go here")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "optimizers-cpu"),
