@@ -483,6 +483,15 @@ def test_token_pieces_spell_the_exact_bytes(tok, qwen_tok):
     assert generate.token_piece(tok, len(tok) + 3) == f"<id {len(tok) + 3}>"  # a padded row
 
 
+def tokens_listing(child) -> str:
+    """Send /tokens and return its whole listing, up to the next prompt."""
+    child.sendline("/tokens")
+    child.expect(r"\d+ tokens \(the last prompt")
+    header = child.after
+    child.expect_exact("\n> ")
+    return header + child.before
+
+
 def test_interactive_tokens_think_and_empty_line(ckpt, tok):
     child = spawn("--ckpt", ckpt, "-n", 4, "--temperature", 0)
     child.expect(r"settings: .*/probs off\r?\n")
@@ -495,22 +504,14 @@ def test_interactive_tokens_think_and_empty_line(ckpt, tok):
         child.sendline(prompt)
         child.expect(r"\[\d+ tokens|\[no tokens")
         child.expect_exact("> ")
-        child.sendline("/tokens")
-        child.expect(r"\d+ tokens \(the last prompt")
-        header = child.after
-        child.expect_exact("\n> ")
-        shown = header + child.before
+        shown = tokens_listing(child)
         want = tok.encode(prompt)  # the ids, counted independently of generate.py
         assert parse_tokens(shown) == (len(want), want)
         assert ("ends in a letter or digit" in shown) == mid_word
     child.sendline("")  # an empty prompt: the model starts from EOS alone
     child.expect(r"\[\d+ tokens|\[no tokens")
     child.expect_exact("> ")
-    child.sendline("/tokens")
-    child.expect(r"\d+ tokens \(the last prompt")
-    header = child.after
-    child.expect_exact("\n> ")
-    assert parse_tokens(header + child.before) == (1, [tok.eos_token_id])
+    assert parse_tokens(tokens_listing(child)) == (1, [tok.eos_token_id])
     child.sendline("/think off")
     child.expect_exact("error: /think applies only to --chat")
     child.expect_exact("> ")

@@ -259,7 +259,7 @@ def test_optimizer_benchmark_finds_when_each_run_reaches_the_target():
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import optimizers
 
-    def curve(losses, step_s):
+    def curve(losses, step_s):  # made-up records: this checks the table's arithmetic, nothing is timed
         return [dict(step=10 * i, elapsed_s=20.0 * i, steps_s=step_s * 10 * i, val_loss=v, val_bpb=v / 3)
                 for i, v in enumerate(losses)]
     curves = {"adamw lr=1e-3": curve([8, 6, 5, 4.5], 1.0), "adamw lr=3e-3": curve([8, 5, 4.2, 4.0], 1.0),
