@@ -18,6 +18,7 @@ comes from, and the sections build on each other:
      A1. Linear + cross-entropy  the training loss without the logits, chunk by chunk
      A2. Preallocated KV cache   generation's cache, written in place instead of concatenated
      A3. float16 decoding        half the bytes per token, with an overflow guard
+     A4. One new token           a decoding step in fewer, fused operations
 
 The model is a spec as much as a program: given the same weights, its logits match Hugging Face
 `transformers`' `Qwen3ForCausalLM` (tests/test_qwen3.py proves it), and module names mirror its
@@ -523,11 +524,12 @@ def next_token_probs(logits, temperature=1.0, top_k=None, top_p=None) -> torch.T
     return top_p_filter(top_k_filter(logits, top_k), top_p).softmax(dim=-1)
 
 
-def sample_next_token(logits, temperature=1.0, top_k=None, top_p=None, generator=None) -> torch.Tensor:
-    """logits (B, vocab) -> next token ids (B,)."""
+def sample_next_token(logits, temperature=1.0, top_k=None, top_p=None, generator=None, probs=None) -> torch.Tensor:
+    """logits (B, vocab) -> next token ids (B,). probs: their next_token_probs, if already computed."""
     if temperature == 0:
         return logits.argmax(dim=-1)  # greedy draws no random numbers
-    return torch.multinomial(next_token_probs(logits, temperature, top_k, top_p), 1, generator=generator)[:, 0]
+    probs = next_token_probs(logits, temperature, top_k, top_p) if probs is None else probs
+    return torch.multinomial(probs, 1, generator=generator)[:, 0]
 
 
 def _check_decoding(idx, max_new_tokens, temperature, top_k, top_p, attention_mask):
@@ -555,14 +557,16 @@ def _next_tokens(model: Qwen3, idx, max_new_tokens, temperature, top_k, top_p, g
     length = idx.size(1) + max_new_tokens
     cache = StaticKVCache(model, idx.size(0), length)  # the Appendix, A2: section 7's cache, preallocated
     x, mask, fed = idx, attention_mask, [idx]
-    for _ in range(max_new_tokens):
-        try:
-            logits = model.lm_head(model.model(x, cache, mask)[:, -1])  # (B, vocab): only the last position matters
+    for step in range(max_new_tokens):
+        try:  # the prompt through the readable forward pass, each new token (in eval mode) through the Appendix's A4
+            h = model.model(x, cache, mask) if step == 0 or model.training else decode_one(model, x, cache)
+            logits = model.lm_head(h[:, -1])  # (B, vocab): only the last position matters
         except Float16Overflow as e:  # the Appendix, A3: redo everything so far in float32, and go on so
             cache, logits = continue_in_float32(model, torch.cat(fed, dim=1), attention_mask, length, e)
-        x, mask = sample_next_token(logits, temperature, top_k, top_p, generator)[:, None], None  # (B, 1)
+        probs = next_token_probs(logits, temperature, top_k, top_p) if with_probs else None
+        x, mask = sample_next_token(logits, temperature, top_k, top_p, generator, probs)[:, None], None  # (B, 1)
         fed.append(x)
-        yield x[:, 0], next_token_probs(logits, temperature, top_k, top_p) if with_probs else None
+        yield x[:, 0], probs
 
 
 def _eos_ids(eos_token_id) -> list[int]:
@@ -1001,6 +1005,7 @@ class StaticKVCache(KVCache):
         shape = (batch_size, c.num_key_value_heads, max_len, c.head_dim)
         self.keys = [torch.empty(shape, dtype=w.dtype, device=w.device) for _ in self.windows]
         self.values = [torch.empty(shape, dtype=w.dtype, device=w.device) for _ in self.windows]
+        self.rope = None  # A4's cos/sin tables for every position, built at its first step
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         start, end = self.seen_tokens, self.seen_tokens + k.size(2)
@@ -1042,3 +1047,67 @@ def continue_in_float32(model: Qwen3, seq, attention_mask, max_len: int, error: 
     if attention_mask is not None:  # the prompt's padding; every token since is real
         attention_mask = F.pad(attention_mask, (0, seq.size(1) - attention_mask.size(1)), value=1)
     return cache, model.lm_head(model.model(seq, cache, attention_mask)[:, -1])
+
+
+# %% A4. One new token, in fewer operations
+# A decoding step does little arithmetic per weight but many small operations: the readable
+# forward pass launches ~60 per layer (each RMSNorm alone is seven: cast, square, mean, add,
+# rsqrt, multiply, gain), and on a CPU each costs microseconds of dispatch and thread wake-up
+# whatever its size. For one new token per row this path computes the same step from fewer, fused
+# kernels: F.rms_norm for every norm; RoPE from cos/sin tables built once per generation, with
+# rotate_half's sign folded into the sin table, so that rotate_half(x) * sin = roll(x) * sin';
+# queries and keys reshaped by views (one position: (B, 1, heads, hd) and (B, heads, 1, hd) are
+# the same memory); the residual stream updated in place. Inference only: no dropout, no
+# gradients. Generation feeds the prompt through the readable path and, in eval mode, every token
+# after it through this one; tests/test_decode.py holds its logits to the readable path's at
+# every step.
+
+
+def rope_tables(config: Qwen3Config, length: int, dtype, device):
+    """cos and sign-folded sin (length, head_dim) for positions 0..length-1: section 3's values."""
+    cos, sin = rope_cos_sin(torch.arange(length, device=device), config.head_dim, config.rope_theta, dtype,
+                            config.rope_scaling)
+    half = config.head_dim // 2
+    return cos, torch.cat((-sin[:, :half], sin[:, half:]), dim=-1)  # the sign rotate_half puts on x2
+
+
+@torch.no_grad()
+def decode_one(model: Qwen3, token: torch.Tensor, cache: StaticKVCache) -> torch.Tensor:
+    """Qwen3Model.forward for one new token per row, token (B, 1), on a filled cache: the final
+    hidden states (B, 1, hidden)."""
+    c, m = model.config, model.model
+    B, H, hd, eps = token.size(0), c.hidden_size, c.head_dim, c.rms_norm_eps
+    if cache.rope is None:  # once per generation, for every position the cache can hold
+        cache.rope = rope_tables(c, cache.keys[0].size(2), m.embed_tokens.weight.dtype, token.device)
+    position = torch.tensor([cache.seen_tokens], device=token.device)  # (1,)
+    if cache.pad is not None:
+        position = position - cache.pad  # (B,): each row counts its own tokens (section 6)
+    cos, sin = (t[position].view(-1, 1, 1, hd) for t in cache.rope)  # (1 or B, 1, 1, hd)
+    masks = {}  # left padding only: per number of keys, the same for every layer that sees as many
+    x = m.embed_tokens(token)  # (B, 1, hidden)
+    for i, layer in enumerate(m.layers):
+        a, mlp = layer.self_attn, layer.mlp
+        h = F.rms_norm(x, (H,), layer.input_layernorm.weight, eps)
+        q = F.rms_norm(a.q_proj(h).view(B, a.n_head, 1, hd), (hd,), a.q_norm.weight, eps)  # (B, n_head, 1, hd)
+        k = F.rms_norm(a.k_proj(h).view(B, a.n_kv_head, 1, hd), (hd,), a.k_norm.weight, eps)  # (B, n_kv, 1, hd)
+        v = a.v_proj(h).view(B, a.n_kv_head, 1, hd)
+        q = torch.addcmul(q * cos, q.roll(hd // 2, -1), sin)  # apply_rope
+        k = torch.addcmul(k * cos, k.roll(hd // 2, -1), sin)
+        k, v = cache.update(i, k, v)  # (B, n_kv, S, hd); S within the window, so no mask without padding
+        mask = None
+        if cache.pad is not None:
+            S = k.size(2)
+            if S not in masks:
+                k_pos = position[:, None] + torch.arange(1 - S, 1, device=token.device)  # (B, S)
+                masks[S] = attention_mask(position[:, None], k_pos, a.window)[:, None]  # (B, 1, 1, S)
+            mask = masks[S]
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=a.n_kv_head != a.n_head)
+        x += a.o_proj(y.view(B, 1, a.n_head * hd))  # (B, n_head, 1, hd) is (B, 1, n_head * hd) in memory
+        h = F.rms_norm(x, (H,), layer.post_attention_layernorm.weight, eps)
+        g = F.silu(mlp.gate_proj(h), inplace=True)
+        x += mlp.down_proj(g.mul_(mlp.up_proj(h)))
+    cache.seen_tokens += 1
+    if x.dtype == torch.float16:
+        check_float16(x)  # A3
+    return F.rms_norm(x, (H,), m.norm.weight, eps)
+

@@ -1,5 +1,6 @@
 """Decoding: batches of prompts of different lengths (left padding and an attention mask, as in
 transformers), the preallocated KV cache of qwen3.py's Appendix A2, float16's overflow guard (A3),
+the one-token decoding step (A4),
 and generate / stream refusing bad input. Oracles: transformers' Qwen3ForCausalLM (forward and
 generate), our full forward pass without a cache, and each prompt generated on its own. fp32, CPU."""
 import warnings
@@ -9,7 +10,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from qwen3 import Float16Overflow, KVCache, StaticKVCache, left_padding
+from qwen3 import Float16Overflow, KVCache, StaticKVCache, decode_one, left_padding
 
 V = 101  # vocab of the tiny test models (conftest.TINY)
 PAD = 0  # the padding id we write; what stands in padded slots must not matter (see left_pad)
@@ -110,20 +111,28 @@ def test_finished_rows_are_padded_as_transformers_does(model_pair):
 # %% the preallocated cache, step by step, against the full forward pass
 
 def decode_and_compare(ours, idx, mask, cuts, assert_logits_close):
-    """Feed idx (B, T) in chunks through StaticKVCache and through KVCache: at every step both
-    give the logits of one full forward pass; returns the static cache."""
+    """Feed idx (B, T) in chunks through StaticKVCache, through KVCache, and through StaticKVCache
+    with every one-token chunk after the first call taking the Appendix's A4 path (decode_one): at
+    every step all three give the logits of one full forward pass; returns the static cache."""
     with torch.no_grad():
         full, _ = ours(idx, attention_mask=mask)
         real = torch.ones_like(idx, dtype=torch.bool) if mask is None else mask.bool()
-        static, plain = StaticKVCache(ours, idx.size(0), idx.size(1) + 2), KVCache(ours.config)
+        static, plain, fast = (StaticKVCache(ours, idx.size(0), idx.size(1) + 2), KVCache(ours.config),
+                               StaticKVCache(ours, idx.size(0), idx.size(1) + 2))
+        fast_steps = 0
         for a, b in zip([0, *cuts], [*cuts, idx.size(1)]):
             m = mask if (a == 0 and mask is not None) else None  # the mask goes with the first call
             m = m[:, :b] if m is not None else None
-            for cache in (static, plain):
-                logits, _ = ours(idx[:, a:b], cache=cache, attention_mask=m)
-                keep = real[:, a:b]
+            keep = real[:, a:b]
+            for cache in (static, plain, fast):
+                if cache is fast and a > 0 and b - a == 1:
+                    logits = ours.lm_head(decode_one(ours, idx[:, a:b], cache))
+                    fast_steps += 1
+                else:
+                    logits, _ = ours(idx[:, a:b], cache=cache, attention_mask=m)
                 assert_logits_close(logits[keep], full[:, a:b][keep])
                 assert cache.seen_tokens == b
+        assert fast_steps == sum(b - a == 1 for a, b in zip(cuts, [*cuts[1:], idx.size(1)]))
     return static
 
 
