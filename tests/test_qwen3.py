@@ -15,7 +15,8 @@ from transformers.models.qwen3.modeling_qwen3 import Qwen3RMSNorm, Qwen3RotaryEm
 
 from qwen3 import (PRESETS, CheckpointError, KVCache, Muon, Qwen3, Qwen3Config, RMSNorm, apply_rope,
                    attention_mask, configure_optimizers, linear_cross_entropy, rms_norm, rope_cos_sin,
-                   sample_next_token, top_k_filter, top_p_filter, zeropower_via_newtonschulz)
+                   gram_newton_schulz, sample_next_token, top_k_filter, top_p_filter,
+                   zeropower_via_newtonschulz)
 
 V = 101  # vocab of the tiny test models (conftest.TINY)
 NEG_INF = float("-inf")
@@ -603,6 +604,26 @@ def test_muon_update_is_orthogonalised():
         assert s.min() > 0.5 and s.max() < 1.5, (grad.shape, s)
         # the update keeps the gradient's singular vectors: <update, grad> > 0 and aligned
         assert (update * grad).sum() / (update.norm() * grad.norm()) > 0.7
+
+
+@pytest.mark.parametrize("shape", [(4, 24, 72), (3, 72, 24), (2, 16, 32), (5, 20, 48)])  # wide, tall, 2x, 2.4x
+def test_gram_newton_schulz_matches_the_loop_in_fp64(shape):
+    """The Appendix's A5 takes over in fp32 for matrices at least twice as wide as tall (either
+    orientation); its result is the loop's, run in fp64 as the oracle. One gradient-like stack:
+    a few strong directions over noise, condition number in the thousands. There the Gram form in
+    fp32 is off by <= 3e-5 (the fp32 loop by ~5e-6, the bf16 loop that the reference runs by ~1e-2;
+    one step fewer or a wrong coefficient moves entries by > 1e-2)."""
+    g = torch.Generator().manual_seed(3)
+    n, rows, cols = shape
+    low_rank = torch.randn(n, rows, 3, generator=g) @ torch.randn(n, 3, cols, generator=g)
+    for G in (torch.randn(shape, generator=g), low_rank * 30 + 0.01 * torch.randn(shape, generator=g)):
+        want = zeropower_via_newtonschulz(G.double(), dtype=torch.float64)  # the loop: A5 is fp32 only
+        got = zeropower_via_newtonschulz(G, dtype=torch.float32)
+        torch.testing.assert_close(got, want.float(), atol=5e-5, rtol=0)
+        X = (G.mT if rows > cols else G).double()
+        X = X / X.norm(dim=(-2, -1), keepdim=True)
+        gram = gram_newton_schulz(X, 5, (3.4445, -4.7750, 2.0315))  # the algebra, exact up to fp64
+        torch.testing.assert_close(gram.mT if rows > cols else gram, want, atol=1e-12, rtol=0)
 
 
 def param_ids(groups):
