@@ -280,6 +280,7 @@ def main():
     def decode_row(name, m_ours, m_theirs, prompt, mask=None):
         """New tokens/s of both, and the bandwidth bound measured in the same rounds."""
         n, B = args.decode_tokens, prompt.size(0)
+        m_ours.eval(), m_theirs.eval()  # as generate asks (ours decodes its new tokens on the Appendix's A4 path then)
         weights = decode_weights(m_ours)
         t_ours, t_theirs, t_gemv = timed([decode_fn(m_ours, prompt, n, True, args, mask),
                                           decode_fn(m_theirs, prompt, n, False, args, mask),
