@@ -272,5 +272,6 @@ def test_optimizer_benchmark_finds_when_each_run_reaches_the_target():
     assert muon["step_to_target"] == pytest.approx(15) and muon["step_ratio"] == pytest.approx(0.5)
     assert muon["elapsed_s_to_target"] == pytest.approx(30) and muon["elapsed_s_ratio"] == pytest.approx(0.5)
     assert muon["steps_s_ratio"] == pytest.approx(16.5 / 30) and muon["ms_per_step"] == pytest.approx(1100)
+    assert muon["step_time_ratio"] == pytest.approx(1.1)  # Muon's step overhead: 10%
     assert rows["muon lr=0.04"]["step_to_target"] is None and rows["adamw lr=1e-3"]["step_to_target"] is None
-    assert "| muon lr=0.02 | 3.0000 | 1.0000 | 1100 | 15 | 30 (0.50) | 16 (0.55) |" in optimizers.table(s)
+    assert "| muon lr=0.02 | 3.0000 | 1.0000 | 1100 (1.10) | 15 | 30 (0.50) | 16 (0.55) |" in optimizers.table(s)
