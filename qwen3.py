@@ -274,6 +274,14 @@ def attention_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None)
     return allowed & ((k_pos[..., None, :] >= 0) | (q_pos[..., :, None] < 0))
 
 
+def latest_keys_mask(positions: torch.Tensor, S: int, window: int | None) -> torch.Tensor:
+    """attention_mask of queries at positions (T,), or (B, T) for left-padded rows, over the S latest
+    keys, those up to the last query's position: (T, S), or (B, 1, T, S), the same for every head."""
+    k_pos = positions[..., -1:] + torch.arange(1 - S, 1, device=positions.device)  # (S,), or (B, S)
+    mask = attention_mask(positions, k_pos, window)  # (T, S), or (B, T, S)
+    return mask[:, None] if positions.dim() == 2 else mask
+
+
 class Attention(nn.Module):
     def __init__(self, config: Qwen3Config, layer_idx: int):
         super().__init__()
@@ -304,9 +312,7 @@ class Attention(nn.Module):
         if S == T and not padded and (self.window is None or self.window >= T):
             causal = True  # no past and nothing outside the window: plain causal attention
         elif padded or not (T == 1 and (self.window is None or S <= self.window)):  # one new token seeing all keys needs no mask
-            k_pos = positions[..., -1:] + torch.arange(1 - S, 1, device=x.device)  # (S,), or (B, S)
-            mask = attention_mask(positions, k_pos, self.window)  # (T, S), or (B, T, S)
-            mask = mask[:, None] if padded else mask  # (B, 1, T, S): the same for every head of a row
+            mask = latest_keys_mask(positions, S, self.window)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
                                            dropout_p=self.dropout if self.training else 0.0,
                                            enable_gqa=self.n_kv_head != self.n_head)  # (B, n_head, T, hd)
@@ -1102,8 +1108,7 @@ def decode_one(model: Qwen3, token: torch.Tensor, cache: StaticKVCache) -> torch
         if cache.pad is not None:
             S = k.size(2)
             if S not in masks:
-                k_pos = position[:, None] + torch.arange(1 - S, 1, device=token.device)  # (B, S)
-                masks[S] = attention_mask(position[:, None], k_pos, a.window)[:, None]  # (B, 1, 1, S)
+                masks[S] = latest_keys_mask(position[:, None], S, a.window)  # (B, 1, 1, S)
             mask = masks[S]
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=a.n_kv_head != a.n_head)
         x += a.o_proj(y.view(B, 1, a.n_head * hd))  # (B, n_head, 1, hd) is (B, 1, n_head * hd) in memory
