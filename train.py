@@ -50,7 +50,7 @@ from checkpoint import (load_training_state, lock_out_dir, read_training_info, r
                         save_checkpoint)
 from data import (Batches, DataError, TokenData, default_cache_dir, fixed_starts, prepare_data, token_bytes,
                   windows)
-from qwen3 import PRESETS, CheckpointError, Qwen3, Qwen3Config, configure_optimizers
+from qwen3 import PRESETS, CheckpointError, Muon, Qwen3, Qwen3Config, configure_optimizers
 
 # %% 1. Flags
 # Flags left at None take the value for the device: on a CPU a small model that learns something
@@ -157,6 +157,8 @@ def build_parser() -> ArgumentParser:
                    help="share the embedding and output matrices (default: the preset's)")
     g.add_argument("--dropout", type=below_one, default=None, help="dropout on attention and residual branches "
                    "(default: device, 0 on CPU, 0.1 on GPU)")
+    g.add_argument("--zero-init-output", action="store_true", help="start o_proj and down_proj at zero, so every "
+                   "block begins as the identity (modded-nanogpt); the default is qwen3.py's initialisation")
 
     g = p.add_argument_group("training")
     g.add_argument("--batch-size", type=positive_int, default=None, help="sequences per micro-batch, over all "
@@ -175,7 +177,14 @@ def build_parser() -> ArgumentParser:
     g.add_argument("--adam-eps", type=positive, default=1e-8, help="AdamW epsilon")
     g.add_argument("--weight-decay", type=non_negative, default=0.1, help="decoupled weight decay on matrices")
     g.add_argument("--warmup-frac", type=unit, default=0.05, help="linear warmup, as a fraction of --max-steps")
-    g.add_argument("--min-lr-frac", type=unit, default=0.1, help="the cosine decays to this fraction of the peak")
+    g.add_argument("--min-lr-frac", type=unit, default=0.1, help="the schedule decays to this fraction of the peak")
+    g.add_argument("--schedule", choices=("cosine", "wsd"), default="cosine", help="after the warmup: a cosine "
+                   "down to --min-lr-frac, or warmup-stable-decay (the peak, then a straight line down over the "
+                   "last --decay-frac of the run)")
+    g.add_argument("--decay-frac", type=unit, default=0.4, help="with --schedule wsd: the fraction of --max-steps "
+                   "spent decaying")
+    g.add_argument("--momentum-warmup-frac", type=unit, default=0.3, help="Muon's momentum rises from 0.85 to 0.95 "
+                   "over this fraction of --max-steps (0: 0.95 from the first step)")
     g.add_argument("--grad-clip", type=non_negative, default=1.0, help="clip the global gradient norm (0: off)")
     g.add_argument("--seed", type=seed, default=1337, help="seed of the initial weights, dropout and data order")
     g.add_argument("--time-budget", type=minutes, default=None, metavar="MINUTES", help="choose --max-steps so "
@@ -306,6 +315,14 @@ def parse_args(argv=None):
         info = read_training_info(out / "last")
         saved = {k: v for k, v in info["args"].items() if k not in SESSION_FLAGS}
         check_saved_flags(parser, saved, out / "last" / "training_state.json")
+        # A run saved by an older train.py continues as it started: without the momentum warmup
+        # that came later, and with the model it holds where it left the shape to a preset.
+        saved.setdefault("momentum_warmup_frac", 0.0)
+        try:
+            held = Qwen3Config.from_json(out / "last" / "config.json")
+        except (ValueError, TypeError) as e:
+            raise TrainError(f"{out / 'last' / 'config.json'} is unreadable ({e})") from None
+        saved.update({k: getattr(held, k) for k in SHAPE_FLAGS if saved.get(k) is None})
         parser.set_defaults(**saved)
         args = parser.parse_args(argv)  # the checkpoint's flags, overridden by those given now
     kind = "cpu" if device.type == "cpu" else "gpu"
@@ -417,7 +434,8 @@ class Run:
 
     @property
     def schedule(self) -> tuple:  # lr_multiplier's arguments after the step
-        return self.args.max_steps, self.args.warmup_frac, self.args.min_lr_frac
+        a = self.args
+        return a.max_steps, a.warmup_frac, a.min_lr_frac, a.decay_frac if a.schedule == "wsd" else None
 
     def bits_per_byte(self, loss: float, split: str) -> float:
         """An evaluation's mean loss (nats per token) on `split` as bits per byte (section 3)."""
@@ -465,6 +483,10 @@ def setup(args, device: torch.device, info: dict | None, log=say) -> Run:
 
     torch.manual_seed(args.seed)
     model = Qwen3(model_config(args, data.tokenizer))
+    if args.zero_init_output:
+        for layer in model.model.layers:
+            torch.nn.init.zeros_(layer.self_attn.o_proj.weight)
+            torch.nn.init.zeros_(layer.mlp.down_proj.weight)
     if info is not None:
         model.load_state_dict(Qwen3.from_pretrained(last).state_dict())
     model.to(device)
@@ -743,7 +765,11 @@ class StopRequest:
 # the count before backward, and all hold the same number of tokens), then gradient clipping,
 # then every optimizer steps with the learning rate of this step. The schedule is a pure function
 # of the step: linear warmup over a fraction of the run (so even a 20-step run warms up and then
-# learns), then a cosine down to a floor at --max-steps.
+# learns), then a cosine down to a floor at --max-steps (--schedule wsd holds the peak and ends in
+# a straight line down instead; the ten-minute CPU run learned less that way, see the README).
+# Muon's momentum is one too: it starts at 0.85 and climbs to its usual 0.95 over the first 30% of
+# the run (--momentum-warmup-frac), so the early steps, whose gradients change fastest, average
+# over a shorter past (modded-nanogpt's momentum warmup; it helped here, a little).
 #
 # Under torchrun the step's samples are cut into one contiguous share per rank: its micro-batches
 # (or, without accumulation, its part of the one micro-batch). Each rank divides its losses by its
@@ -760,12 +786,22 @@ class StopRequest:
 # and --resume continues it exactly, without timing anything again.
 
 
-def lr_multiplier(step: int, max_steps: int, warmup_frac: float, min_lr_frac: float) -> float:
+def lr_multiplier(step: int, max_steps: int, warmup_frac: float, min_lr_frac: float,
+                  decay_frac: float | None = None) -> float:
+    """The peak's multiplier at `step`: warmup, then a cosine, or with decay_frac warmup-stable-decay."""
     warmup = max(1, round(warmup_frac * max_steps))
     if step < warmup:
         return (step + 1) / warmup
+    if decay_frac is not None:  # hold the peak, then a straight line from it to the floor
+        start = max(warmup, max_steps - round(decay_frac * max_steps))
+        return 1 - (1 - min_lr_frac) * min(1.0, max(0, step - start) / max(1, max_steps - start))
     progress = min(1.0, (step - warmup) / max(1, max_steps - warmup))
     return min_lr_frac + (1 - min_lr_frac) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def muon_momentum(step: int, max_steps: int, warmup_frac: float) -> float:
+    warmup = warmup_frac * max_steps
+    return 0.95 if step >= warmup else 0.85 + 0.10 * step / warmup
 
 
 def train_step(run: Run, state: RunState) -> float:
@@ -774,6 +810,8 @@ def train_step(run: Run, state: RunState) -> float:
     for opt in run.optimizers:
         for group in opt.param_groups:
             group["lr"] = group["base_lr"] * lr_multiplier(step, *run.schedule)
+            if isinstance(opt, Muon):
+                group["momentum"] = muon_momentum(step, args.max_steps, args.momentum_warmup_frac)
     loss_sum = 0.0
     for micro in range(run.accum):
         first = (step * args.grad_accum * args.batch_size  # global sample number: the step's first,

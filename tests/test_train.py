@@ -142,6 +142,47 @@ def test_lr_schedule():
     assert short[0] == 1.0 and min(short) > 0.1  # a 20-step run warms up in one step and still learns
 
 
+def test_wsd_schedule():
+    wsd = [train.lr_multiplier(s, 100, 0.05, 0.1, decay_frac=0.4) for s in range(101)]
+    assert wsd[0] == pytest.approx(0.2) and wsd[4] == 1.0  # the same warmup
+    assert wsd[4:61] == [1.0] * 57  # the peak, held until the last 40 steps begin
+    assert wsd[70] == pytest.approx(1 - 0.9 * 10 / 40) and wsd[80] == pytest.approx(0.55)  # a straight line
+    assert wsd[100] == pytest.approx(0.1)
+
+
+def test_zero_init_output(cache, tmp_path):
+    """--zero-init-output zeroes the two projections into the residual stream and nothing else."""
+    weights = []
+    for i, extra in enumerate(([], ["--zero-init-output"])):
+        try:
+            args, device, info = train.parse_args([*TINY, "--cache-dir", str(cache), "--out-dir", str(tmp_path / str(i)),
+                                                   *extra])
+            weights.append(train.setup(args, device, info, log=lambda *a, **k: None).model.state_dict())
+        finally:
+            train.release_out_dirs()
+    zeroed = {k for k in weights[0] if k.endswith(("o_proj.weight", "down_proj.weight"))}
+    assert len(zeroed) == 4  # two layers, two each
+    for k, v in weights[1].items():
+        if k in zeroed:
+            assert not v.any() and weights[0][k].any()
+        else:
+            assert torch.equal(v, weights[0][k]), k
+
+
+def test_muon_momentum_warmup(cache, tmp_path):
+    assert [train.muon_momentum(s, 100, 0.3) for s in (0, 15, 30, 99)] == pytest.approx([0.85, 0.90, 0.95, 0.95])
+    assert train.muon_momentum(0, 100, 0.0) == 0.95
+    # After one step Muon's buffer is (1 - momentum) x the first gradient, which is the same in
+    # both runs: warmed up (0.85) it holds three times what it holds at 0.95.
+    bufs = []
+    for frac in ("0.3", "0"):
+        out = tmp_path / frac
+        assert run(cache, out, "--max-steps", "10", "--stop-at", "1", "--momentum-warmup-frac", frac) == 0
+        state = torch.load(out / "last" / "training_state.pt", weights_only=True)["optimizers"][0]["state"]
+        bufs.append(torch.cat([s["momentum_buffer"].flatten() for s in state.values()]))
+    torch.testing.assert_close(bufs[0], 3 * bufs[1], rtol=1e-5, atol=1e-9)
+
+
 def test_grad_accumulation_averages(cache, tmp_path):
     """8 sequences in one micro-batch == 2 micro-batches of 4. AdamW with a huge epsilon makes the
     update proportional to the gradient, so a sum instead of a mean would show."""
@@ -171,6 +212,24 @@ def test_resume_is_exact(ref, cache, tmp_path):
     a, b = Qwen3.from_pretrained(ref / "last"), Qwen3.from_pretrained(out / "last")
     for (name, pa), pb in zip(a.state_dict().items(), b.state_dict().values()):
         torch.testing.assert_close(pa, pb, atol=1e-6, rtol=0, msg=name)
+
+
+def test_resume_of_a_run_saved_before_later_flags(cache, tmp_path):
+    """A checkpoint written before --momentum-warmup-frac existed, of a cpu-preset model when the
+    preset's head was still tied: --resume continues it as it started (no warmup, tied head)."""
+    old = ["--momentum-warmup-frac", "0", "--tie-word-embeddings"]
+    assert run(cache, tmp_path / "whole", *REF, *old) == 0
+    out = tmp_path / "out"
+    assert run(cache, out, *REF, *old, "--stop-at", "2") == 0  # inside today's default warmup (3.6 steps)
+    state = out / "last" / "training_state.json"
+    info = json.loads(state.read_text())
+    del info["args"]["momentum_warmup_frac"]
+    info["args"]["tie_word_embeddings"] = None  # what a run of the old preset saved
+    state.write_text(json.dumps(info))
+    assert main(["--resume", "--out-dir", str(out)]) == 0
+    want, got = metrics(tmp_path / "whole"), metrics(out)
+    assert [r["val_loss"] for r in got] == pytest.approx([r["val_loss"] for r in want], abs=1e-6)
+    assert json.loads((out / "last" / "config.json").read_text())["tie_word_embeddings"] is True
 
 
 def test_resume_past_max_steps_does_nothing(ref, tmp_path, capsys):
