@@ -47,6 +47,25 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def next_command(out: Path, flags: list[str], device: str) -> list[str] | None:
+    """train.py's arguments for what is left of the run in `out`: all of it, the rest, or None.
+    A run counts as the same only if it had the same flags *and* train.py's defaults they left
+    alone were the same (a new default shape or step count makes every old run stale)."""
+    import train
+    from qwen3 import PRESETS
+    defaults = train.DEVICE_DEFAULTS["cpu" if device == "cpu" else "gpu"]
+    stamp = dict(flags=flags, defaults=defaults, preset=PRESETS[defaults["preset"]])
+    info_path, marker = out / "last" / "training_state.json", out / "benchmark-flags.json"
+    info = json.loads(info_path.read_text()) if info_path.is_file() else None
+    if info is None or not marker.is_file() or json.loads(marker.read_text()) != json.loads(json.dumps(stamp)):
+        out.mkdir(parents=True, exist_ok=True)
+        marker.write_text(json.dumps(stamp) + "\n")
+        return [*flags, "--out-dir", str(out), "--overwrite"]  # a fresh run
+    if info["step"] < info["max_steps"]:
+        return ["--resume", "--out-dir", str(out)]  # cut short: continue it
+    return None  # done
+
+
 def run(args, optimizer: str, lr: str) -> list[dict]:
     """One train.py run (or what is left of it); its metrics records."""
     import train
@@ -56,16 +75,7 @@ def run(args, optimizer: str, lr: str) -> list[dict]:
     for flag, value in (("--max-steps", args.max_steps), ("--eval-every", args.eval_every)):
         if value is not None:
             flags += [flag, str(value)]
-    info_path, marker = out / "last" / "training_state.json", out / "benchmark-flags.json"
-    info = json.loads(info_path.read_text()) if info_path.is_file() else None
-    if info is None or not marker.is_file() or json.loads(marker.read_text()) != flags:
-        out.mkdir(parents=True, exist_ok=True)
-        marker.write_text(json.dumps(flags) + "\n")
-        cmd = [*flags, "--out-dir", str(out), "--overwrite"]  # a fresh run
-    elif info["step"] < info["max_steps"]:
-        cmd = ["--resume", "--out-dir", str(out)]  # cut short: continue it
-    else:
-        cmd = None  # done
+    cmd = next_command(out, flags, args.device)
     if cmd is not None:
         print(" ".join(["python train.py", *cmd]), flush=True)
         done = subprocess.run([sys.executable, str(ROOT / "train.py"), *cmd])

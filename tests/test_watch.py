@@ -15,7 +15,7 @@ import torch
 
 import data
 import train
-from qwen3 import Qwen3
+from qwen3 import PRESETS, Qwen3
 from test_train import TINY, main, metrics, run
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -253,6 +253,32 @@ def test_a_budget_too_short_is_one_line(cache, tmp_path, capsys):
 
 
 # %% the optimizer benchmark's table
+
+
+def test_optimizer_benchmark_reruns_what_a_new_default_made_stale(tmp_path, monkeypatch):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import optimizers
+    out, flags = tmp_path / "muon-0.01", ["--optimizer", "muon", "--muon-lr", "0.01"]
+    fresh = [*flags, "--out-dir", str(out), "--overwrite"]
+    assert optimizers.next_command(out, flags, "cpu") == fresh  # nothing there yet
+    (out / "last").mkdir()
+    state = out / "last" / "training_state.json"
+    state.write_text(json.dumps(dict(step=4, max_steps=10)))
+    assert optimizers.next_command(out, flags, "cpu") == ["--resume", "--out-dir", str(out)]  # cut short
+    state.write_text(json.dumps(dict(step=10, max_steps=10)))
+    assert optimizers.next_command(out, flags, "cpu") is None  # finished: read back
+    assert optimizers.next_command(out, [*flags, "--compile"], "cpu") == [*flags, "--compile", "--out-dir", str(out),
+                                                                          "--overwrite"]  # other flags
+    assert optimizers.next_command(out, flags, "cpu") == fresh  # (the marker now holds the other flags)
+    state.write_text(json.dumps(dict(step=10, max_steps=10)))
+    assert optimizers.next_command(out, flags, "cpu") is None
+    monkeypatch.setitem(train.DEVICE_DEFAULTS["cpu"], "max_steps", 9999)  # train.py's default changed
+    assert optimizers.next_command(out, flags, "cpu") == fresh
+    monkeypatch.undo()
+    assert optimizers.next_command(out, flags, "cpu") == fresh
+    state.write_text(json.dumps(dict(step=10, max_steps=10)))
+    monkeypatch.setitem(PRESETS["cpu"], "hidden_size", 96)  # or the preset's shape
+    assert optimizers.next_command(out, flags, "cpu") == fresh
 
 
 def test_optimizer_benchmark_finds_when_each_run_reaches_the_target():
