@@ -372,7 +372,8 @@ def test_legacy_config_json_and_presets():
             seed.tie_word_embeddings) == (384, 6, 8, 4, 48, 1536, 49152, 512, True)
     cpu = Qwen3Config.preset("cpu", vocab_size=1000)
     assert (cpu.hidden_size, cpu.num_hidden_layers, cpu.num_attention_heads, cpu.num_key_value_heads,
-            cpu.head_dim, cpu.intermediate_size, cpu.vocab_size) == (256, 4, 8, 4, 32, 768, 1000)
+            cpu.head_dim, cpu.intermediate_size, cpu.vocab_size, cpu.tie_word_embeddings) == (
+        128, 4, 4, 2, 32, 384, 1000, False)
     for preset in (real, seed, cpu):  # through config.json and back
         assert our_arch(Qwen3Config.from_dict(json.loads(json.dumps(preset.to_dict())))) == our_arch(preset)
     with pytest.raises(ValueError, match="seed"):
