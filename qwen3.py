@@ -1129,7 +1129,7 @@ def decode_one(model: Qwen3, token: torch.Tensor, cache: StaticKVCache) -> torch
 # X_0: X_k = Q_k X_0, and the Gram matrices follow without X at all, A_{k+1} = h(A_k) A_k h(A_k).
 # So iterate on (rows, rows) matrices only, Q_{k+1} = h(A_k) Q_k, and touch X twice in all: for
 # A_0 and for the result Q_5 X_0. Per matrix, in units of rows^3 multiply-adds, five steps cost
-# 10 (cols/rows) + 5 that way and 2 (cols/rows) + 17 this way: a third less for the 256 x 768
+# 10 (cols/rows) + 5 that way and 2 (cols/rows) + 17 this way: a third less for the 128 x 384
 # matrices of train.py's CPU model, equal at cols = 1.5 rows, so it is taken from 2 on. The same
 # X up to rounding in fp32 (tests/test_qwen3.py holds both to an fp64 run). In half precision the
 # Gram form drifts (spurious negative eigenvalues) unless restarted, as the authors of "Gram
