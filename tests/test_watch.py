@@ -259,26 +259,25 @@ def test_optimizer_benchmark_reruns_what_a_new_default_made_stale(tmp_path, monk
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import optimizers
     out, flags = tmp_path / "muon-0.01", ["--optimizer", "muon", "--muon-lr", "0.01"]
-    fresh = [*flags, "--out-dir", str(out), "--overwrite"]
+    fresh, state = [*flags, "--out-dir", str(out), "--overwrite"], out / "last" / "training_state.json"
     assert optimizers.next_command(out, flags, "cpu") == fresh  # nothing there yet
-    (out / "last").mkdir()
-    state = out / "last" / "training_state.json"
+    state.parent.mkdir()
     state.write_text(json.dumps(dict(step=4, max_steps=10)))
     assert optimizers.next_command(out, flags, "cpu") == ["--resume", "--out-dir", str(out)]  # cut short
-    state.write_text(json.dumps(dict(step=10, max_steps=10)))
-    assert optimizers.next_command(out, flags, "cpu") is None  # finished: read back
-    assert optimizers.next_command(out, [*flags, "--compile"], "cpu") == [*flags, "--compile", "--out-dir", str(out),
-                                                                          "--overwrite"]  # other flags
-    assert optimizers.next_command(out, flags, "cpu") == fresh  # (the marker now holds the other flags)
-    state.write_text(json.dumps(dict(step=10, max_steps=10)))
-    assert optimizers.next_command(out, flags, "cpu") is None
-    monkeypatch.setitem(train.DEVICE_DEFAULTS["cpu"], "max_steps", 9999)  # train.py's default changed
-    assert optimizers.next_command(out, flags, "cpu") == fresh
-    monkeypatch.undo()
-    assert optimizers.next_command(out, flags, "cpu") == fresh
-    state.write_text(json.dumps(dict(step=10, max_steps=10)))
-    monkeypatch.setitem(PRESETS["cpu"], "hidden_size", 96)  # or the preset's shape
-    assert optimizers.next_command(out, flags, "cpu") == fresh
+
+    def finished_today():  # the folder holds a finished run of these flags under today's defaults
+        optimizers.next_command(out, flags, "cpu")
+        state.write_text(json.dumps(dict(step=10, max_steps=10)))
+        assert optimizers.next_command(out, flags, "cpu") is None  # read back, not run again
+
+    finished_today()
+    assert optimizers.next_command(out, [*flags, "--compile"], "cpu") == [*flags, "--compile", *fresh[-3:]]
+    for table, key, value in ((train.DEVICE_DEFAULTS["cpu"], "max_steps", 9999),  # a train.py default changed
+                              (PRESETS["cpu"], "hidden_size", 96)):  # or the preset's shape
+        finished_today()
+        with monkeypatch.context() as m:
+            m.setitem(table, key, value)
+            assert optimizers.next_command(out, flags, "cpu") == fresh
 
 
 def test_optimizer_benchmark_finds_when_each_run_reaches_the_target():
