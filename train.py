@@ -60,7 +60,7 @@ from qwen3 import PRESETS, CheckpointError, Muon, Qwen3, Qwen3Config, configure_
 # 650 steps of 16 x 256 tokens (~1.1 epochs) fill ten minutes of a 2-core machine: 1500 steps
 # of 8 learned a little more (0.007 bits per byte), but Muon's lead over AdamW is largest in short
 # runs of large batches. Evaluating every 50 steps (as many rows per split as before, 4 x 16) keeps
-# the curve and costs ~7% of the run. The learning rates were swept there (README, "what we
+# the curve and costs ~8% of the run. The learning rates were swept there (README, "what we
 # tried", and the optimizer sweep): the embedding, head and gains want a 10x larger AdamW step
 # than the usual 3e-3 (measured at an earlier, wider shape), and Muon its reference 0.02 at this
 # batch (at batch 8 it wanted 0.01). --lr drives those three under Muon but every weight with
