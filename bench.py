@@ -11,8 +11,8 @@ Prints a table of ratios (ours / theirs; above 1 means we are faster, or use les
 memory row) and writes the raw numbers as JSON (--json). Every decode row also prints its
 bandwidth bound: the bytes of weights one decoding step reads, over the speed at which F.linear
 streams those very matrices (the model's own weights, one vector or one row per sequence through
-each, in the order of a step), measured in the same rounds as the two models; and the fraction
-of that bound each side reaches.
+each, in the order of a step; the head read as qwen3.py's A4 reads it), measured in the same
+rounds as the two models; and the fraction of that bound each side reaches.
 """
 
 import argparse
@@ -29,7 +29,7 @@ from datetime import date
 
 import torch
 
-from qwen3 import PRESETS, Muon, Qwen3, Qwen3Config
+from qwen3 import PRESETS, Muon, Qwen3, Qwen3Config, head_reads_transposed
 
 
 def parse_args():
@@ -141,14 +141,20 @@ def decode_weights(model):
 
 def gemv_fn(weights, rows, n):
     """n passes of F.linear through `weights` with `rows` input vectors: the matrix-vector work of
-    n decoding steps and nothing else, so 1 / (its time / n) bounds the steps per second."""
+    n decoding steps and nothing else, so 1 / (its time / n) bounds the steps per second. The head
+    (last) is read the way qwen3.py's A4 reads it: from a (hidden, vocab) copy where that is faster."""
     xs = [torch.randn(rows, w.size(1), dtype=w.dtype, device=w.device) for w in weights]
+    head_t = weights[-1].t().contiguous() if head_reads_transposed(weights[-1], rows) else None
 
     @torch.no_grad()
     def passes():
         for _ in range(n):
-            for w, x in zip(weights, xs):
+            for w, x in zip(weights[:-1], xs):
                 torch.nn.functional.linear(x, w)
+            if head_t is None:
+                torch.nn.functional.linear(xs[-1], weights[-1])
+            else:
+                xs[-1] @ head_t
     return passes
 
 

@@ -18,7 +18,7 @@ comes from, and the sections build on each other:
      A1. Linear + cross-entropy  the training loss without the logits, chunk by chunk
      A2. Preallocated KV cache   generation's cache, written in place instead of concatenated
      A3. float16 decoding        half the bytes per token, with an overflow guard
-     A4. One new token           a decoding step in fewer, fused operations
+     A4. One new token           a decoding step in fewer, fused operations; the head transposed
      A5. Gram Newton-Schulz      Muon's iteration on the small Gram matrix, for wide matrices
 
 The model is a spec as much as a program: given the same weights, its logits match Hugging Face
@@ -568,8 +568,10 @@ def _next_tokens(model: Qwen3, idx, max_new_tokens, temperature, top_k, top_p, g
     x, mask, fed = idx, attention_mask, [idx]
     for step in range(max_new_tokens):
         try:  # the prompt through the readable forward pass, each new token (in eval mode) through the Appendix's A4
-            h = model.model(x, cache, mask) if step == 0 or model.training else decode_one(model, x, cache)
-            logits = model.lm_head(h[:, -1])  # (B, vocab): only the last position matters
+            if step == 0 or model.training:
+                logits = model.lm_head(model.model(x, cache, mask)[:, -1])  # (B, vocab): only the last position matters
+            else:
+                logits = decode_logits(model, decode_one(model, x, cache), cache)
         except Float16Overflow as e:  # the Appendix, A3: redo everything so far in float32, and go on so
             cache, logits = continue_in_float32(model, torch.cat(fed, dim=1), attention_mask, length, e)
         probs = next_token_probs(logits, temperature, top_k, top_p) if with_probs else None
@@ -1018,6 +1020,7 @@ class StaticKVCache(KVCache):
         self.keys = [torch.empty(shape, dtype=w.dtype, device=w.device) for _ in self.windows]
         self.values = [torch.empty(shape, dtype=w.dtype, device=w.device) for _ in self.windows]
         self.rope = None  # A4's cos/sin tables for every position, built at its first step
+        self.head = None  # A4's (hidden, vocab) copy of the output head, where it reads faster
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         start, end = self.seen_tokens, self.seen_tokens + k.size(2)
@@ -1073,6 +1076,14 @@ def continue_in_float32(model: Qwen3, seq, attention_mask, max_len: int, error: 
 # gradients. Generation feeds the prompt through the readable path and, in eval mode, every token
 # after it through this one; tests/test_decode.py holds its logits to the readable path's at
 # every step.
+# The output head is the largest matrix a step reads (75 of the seed model's 129 MB), and on a CPU
+# PyTorch streams one float32 row through it twice as fast when it is stored (hidden, vocab), as
+# x @ W^T over a contiguous W^T, than (vocab, hidden), as F.linear does (11.0 against 5.1 GB/s on
+# the 2-core development machine). So a batch-1 float32 generation on a CPU makes that copy once,
+# at its first new token, and holds it (the head's memory again) until the generation ends. It
+# pays back fast at that size (95 ms to copy, ~8 ms saved a token), not at Qwen3-0.6B's 622 MB
+# head (0.9 s to copy, 13.6 against 10.9 GB/s: ~11 ms a token), so heads over 256 MB keep
+# lm_head, as do batches of 8 and float16 (slower that way) and GPUs (not measured).
 
 
 def rope_tables(config: Qwen3Config, length: int, dtype, device):
@@ -1121,6 +1132,22 @@ def decode_one(model: Qwen3, token: torch.Tensor, cache: StaticKVCache) -> torch
     if x.dtype == torch.float16:
         check_float16(x)  # A3
     return F.rms_norm(x, (H,), m.norm.weight, eps)
+
+
+def head_reads_transposed(w: torch.Tensor, rows: int) -> bool:
+    """Whether decoding `rows` vectors reads the head `w` (vocab, hidden) from a (hidden, vocab) copy."""
+    small = w.numel() * w.element_size() <= 256 * 2**20  # the copy pays back within a few dozen tokens
+    return rows == 1 and w.dtype == torch.float32 and w.device.type == "cpu" and small
+
+
+def decode_logits(model: Qwen3, h: torch.Tensor, cache: StaticKVCache) -> torch.Tensor:
+    """lm_head of decode_one's hidden states h (B, 1, hidden): the logits (B, vocab)."""
+    w = model.lm_head.weight
+    if not head_reads_transposed(w, h.size(0)):
+        return model.lm_head(h[:, -1])
+    if cache.head is None:
+        cache.head = w.t().contiguous()  # (hidden, vocab), once per generation
+    return h[:, -1] @ cache.head
 
 
 # %% A5. Newton-Schulz on the Gram matrix

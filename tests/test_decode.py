@@ -10,7 +10,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from qwen3 import Float16Overflow, KVCache, StaticKVCache, decode_one, left_padding
+from qwen3 import (Float16Overflow, KVCache, StaticKVCache, decode_logits, decode_one, head_reads_transposed,
+                   left_padding)
 
 V = 101  # vocab of the tiny test models (conftest.TINY)
 PAD = 0  # the padding id we write; what stands in padded slots must not matter (see left_pad)
@@ -126,13 +127,14 @@ def decode_and_compare(ours, idx, mask, cuts, assert_logits_close):
             keep = real[:, a:b]
             for cache in (static, plain, fast):
                 if cache is fast and a > 0 and b - a == 1:
-                    logits = ours.lm_head(decode_one(ours, idx[:, a:b], cache))
+                    logits = decode_logits(ours, decode_one(ours, idx[:, a:b], cache), cache)[:, None]
                     fast_steps += 1
                 else:
                     logits, _ = ours(idx[:, a:b], cache=cache, attention_mask=m)
                 assert_logits_close(logits[keep], full[:, a:b][keep])
                 assert cache.seen_tokens == b
         assert fast_steps == sum(b - a == 1 for a, b in zip(cuts, [*cuts[1:], idx.size(1)]))
+        assert (fast.head is not None) == (fast_steps > 0 and idx.size(0) == 1)  # one float32 row on a CPU: A4's head copy
     return static
 
 
@@ -270,3 +272,12 @@ def test_zero_new_tokens_returns_the_prompt(model_pair):
     prompt = rand_ids((2, 3))
     assert torch.equal(ours.generate(prompt, 0), prompt)
     assert list(ours.stream(prompt[:1], 0)) == []
+
+
+def test_head_copy_only_where_it_was_measured_to_pay():
+    """A4 reads the head from a (hidden, vocab) copy for one float32 row on a CPU, up to 256 MB."""
+    w = torch.empty(65536, 1024)  # exactly 256 MB of float32 (uninitialised: never touched)
+    assert head_reads_transposed(w, 1)
+    assert not head_reads_transposed(torch.empty(65537, 1024), 1)  # Qwen3-0.6B's 622 MB head is far past it
+    assert not head_reads_transposed(w, 8)
+    assert not head_reads_transposed(w[:1024].half(), 1)
