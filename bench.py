@@ -9,10 +9,10 @@ one process, one machine, alternating between the two so both see the same machi
 
 Prints a table of ratios (ours / theirs; above 1 means we are faster, or use less memory for the
 memory row) and writes the raw numbers as JSON (--json). Every decode row also prints its
-bandwidth bound: the bytes of weights one decoding step reads, over the speed at which F.linear
+bandwidth bound: the bytes of weights one decoding step reads, over the speed at which PyTorch
 streams those very matrices (the model's own weights, one vector or one row per sequence through
-each, in the order of a step; the head read as qwen3.py's A4 reads it), measured in the same
-rounds as the two models; and the fraction of that bound each side reaches.
+each, in the order and layout of qwen3.py's A4 step: repacked where it repacks), measured in the
+same rounds as the two models; and the fraction of that bound each side reaches.
 """
 
 import argparse
@@ -29,7 +29,7 @@ from datetime import date
 
 import torch
 
-from qwen3 import PRESETS, Muon, Qwen3, Qwen3Config, head_reads_transposed
+from qwen3 import PRESETS, Muon, Qwen3, Qwen3Config, decode_weights, repacks
 
 
 def parse_args():
@@ -130,31 +130,25 @@ def decode_fn(model, prompt, n, ours, args, mask=None):
     return dec
 
 
-def decode_weights(model):
-    """The matrices one decoding step reads, in the order it reads them: every layer's projections,
-    then the output head (the embedding contributes one row per token, nothing to speak of)."""
-    names = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-             "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
-    layers = [layer.get_submodule(n).weight for layer in model.model.layers for n in names]
-    return [w.detach() for w in layers] + [model.lm_head.weight.detach()]
+def decode_matrices(model, rows):
+    """The matrices one decoding step of `rows` sequences reads, each (in, out) as qwen3.py's A4 reads
+    it (a repacked copy or a view), in the order it reads them: every layer's projections, then the
+    output head (the embedding contributes one row per token, nothing to speak of)."""
+    w = decode_weights(getattr(model, "_orig_mod", model), rows)  # the model itself, if torch.compile wrapped it
+    ms = [m for layer in w.layers for m in (layer.qkv, layer.o, layer.gate_up, layer.down)] + [w.head]
+    return [p.detach() for m in ms for p in (m if isinstance(m, tuple) else (m,))]
 
 
-def gemv_fn(weights, rows, n):
-    """n passes of F.linear through `weights` with `rows` input vectors: the matrix-vector work of
-    n decoding steps and nothing else, so 1 / (its time / n) bounds the steps per second. The head
-    (last) is read the way qwen3.py's A4 reads it: from a (hidden, vocab) copy where that is faster."""
-    xs = [torch.randn(rows, w.size(1), dtype=w.dtype, device=w.device) for w in weights]
-    head_t = weights[-1].t().contiguous() if head_reads_transposed(weights[-1], rows) else None
+def gemv_fn(matrices, rows, n):
+    """n passes of `rows` vectors through `matrices` (in, out): the matrix-vector work of n decoding
+    steps and nothing else, so 1 / (its time / n) bounds the steps per second."""
+    xs = [torch.randn(rows, m.size(0), dtype=m.dtype, device=m.device) for m in matrices]
 
     @torch.no_grad()
     def passes():
         for _ in range(n):
-            for w, x in zip(weights[:-1], xs):
-                torch.nn.functional.linear(x, w)
-            if head_t is None:
-                torch.nn.functional.linear(xs[-1], weights[-1])
-            else:
-                xs[-1] @ head_t
+            for m, x in zip(matrices, xs):
+                x @ m
     return passes
 
 
@@ -287,7 +281,9 @@ def main():
         """New tokens/s of both, and the bandwidth bound measured in the same rounds."""
         n, B = args.decode_tokens, prompt.size(0)
         m_ours.eval(), m_theirs.eval()  # as generate asks (ours decodes its new tokens on the Appendix's A4 path then)
-        weights = decode_weights(m_ours)
+        t0 = time.perf_counter()
+        weights = decode_matrices(m_ours, B)  # where A4 repacks, the copy is made here, once per model
+        repack_s = time.perf_counter() - t0
         t_ours, t_theirs, t_gemv = timed([decode_fn(m_ours, prompt, n, True, args, mask),
                                           decode_fn(m_theirs, prompt, n, False, args, mask),
                                           gemv_fn(weights, B, n)], args, warmup=1)
@@ -295,11 +291,15 @@ def main():
         per_step = sum(w.numel() * w.element_size() for w in weights)
         bound = B * n / t_gemv
         res["results"][name].update(bound=bound, weight_bytes_per_step=per_step, gemv_gb_per_s=per_step * n / t_gemv / 1e9,
+                                    repack_seconds=repack_s if repacks(m_ours, B) else None,
                                     fraction_ours=B * n / t_ours / bound, fraction_transformers=B * n / t_theirs / bound)
         r = res["results"][name]
         print(f"{'':<28} bound {bound:,.1f} tok/s ({per_step / 1e6:,.0f} MB of weights per step at "
               f"{r['gemv_gb_per_s']:.1f} GB/s): ours {r['fraction_ours']:.2f} of it, transformers "
               f"{r['fraction_transformers']:.2f}", flush=True)
+        if r["repack_seconds"] is not None:
+            print(f"{'':<28} ours reads A4's repacked weights, made once for the model in {1000 * repack_s:.0f} ms",
+                  flush=True)
 
     if "decode" not in skip:
         for dtype in ["bf16 autocast"] if gpu else args.decode_dtypes.split(","):

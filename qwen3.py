@@ -18,7 +18,7 @@ comes from, and the sections build on each other:
      A1. Linear + cross-entropy  the training loss without the logits, chunk by chunk
      A2. Preallocated KV cache   generation's cache, written in place instead of concatenated
      A3. float16 decoding        half the bytes per token, with an overflow guard
-     A4. One new token           a decoding step in fewer, fused operations; the head transposed
+     A4. One new token           a decoding step in fewer, fused operations, from repacked weights
      A5. Gram Newton-Schulz      Muon's iteration on the small Gram matrix, for wide matrices
 
 The model is a spec as much as a program: given the same weights, its logits match Hugging Face
@@ -31,6 +31,7 @@ Reference: Qwen Team, "Qwen3 Technical Report", 2025 (arXiv:2505.09388).
 import json
 import math
 import warnings
+import weakref
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -571,7 +572,7 @@ def _next_tokens(model: Qwen3, idx, max_new_tokens, temperature, top_k, top_p, g
             if step == 0 or model.training:
                 logits = model.lm_head(model.model(x, cache, mask)[:, -1])  # (B, vocab): only the last position matters
             else:
-                logits = decode_logits(model, decode_one(model, x, cache), cache)
+                logits = decode_one(model, x, cache)
         except Float16Overflow as e:  # the Appendix, A3: redo everything so far in float32, and go on so
             cache, logits = continue_in_float32(model, torch.cat(fed, dim=1), attention_mask, length, e)
         probs = next_token_probs(logits, temperature, top_k, top_p) if with_probs else None
@@ -1019,8 +1020,8 @@ class StaticKVCache(KVCache):
         shape = (batch_size, c.num_key_value_heads, max_len, c.head_dim)
         self.keys = [torch.empty(shape, dtype=w.dtype, device=w.device) for _ in self.windows]
         self.values = [torch.empty(shape, dtype=w.dtype, device=w.device) for _ in self.windows]
-        self.rope = None  # A4's cos/sin tables for every position, built at its first step
-        self.head = None  # A4's (hidden, vocab) copy of the output head, where it reads faster
+        self.weights = None  # A4's DecodeWeights, fetched at its first step
+        self.rope = None  # A4's cos/sin tables for every position, built then too
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         start, end = self.seen_tokens, self.seen_tokens + k.size(2)
@@ -1064,26 +1065,34 @@ def continue_in_float32(model: Qwen3, seq, attention_mask, max_len: int, error: 
     return cache, model.lm_head(model.model(seq, cache, attention_mask)[:, -1])
 
 
-# %% A4. One new token, in fewer operations
+# %% A4. One new token, in fewer operations, from weights laid out for it
 # A decoding step does little arithmetic per weight but many small operations: the readable
 # forward pass launches ~60 per layer (each RMSNorm alone is seven: cast, square, mean, add,
 # rsqrt, multiply, gain), and on a CPU each costs microseconds of dispatch and thread wake-up
 # whatever its size. For one new token per row this path computes the same step from fewer, fused
-# kernels: F.rms_norm for every norm; RoPE from cos/sin tables built once per generation, with
-# rotate_half's sign folded into the sin table, so that rotate_half(x) * sin = roll(x) * sin';
-# queries and keys reshaped by views (one position: (B, 1, heads, hd) and (B, heads, 1, hd) are
-# the same memory); the residual stream updated in place. Inference only: no dropout, no
-# gradients. Generation feeds the prompt through the readable path and, in eval mode, every token
-# after it through this one; tests/test_decode.py holds its logits to the readable path's at
-# every step.
-# The output head is the largest matrix a step reads (75 of the seed model's 129 MB), and on a CPU
-# PyTorch streams one float32 row through it twice as fast when it is stored (hidden, vocab), as
-# x @ W^T over a contiguous W^T, than (vocab, hidden), as F.linear does (11.0 against 5.1 GB/s on
-# the 2-core development machine). So a batch-1 float32 generation on a CPU makes that copy once,
-# at its first new token, and holds it (the head's memory again) until the generation ends. It
-# pays back fast at that size (95 ms to copy, ~8 ms saved a token), not at Qwen3-0.6B's 622 MB
-# head (0.9 s to copy, 13.6 against 10.9 GB/s: ~11 ms a token), so heads over 256 MB keep
-# lm_head, as do batches of 8 and float16 (slower that way) and GPUs (not measured).
+# kernels: F.rms_norm for every norm; one product for q, k and v together and one for gate and up;
+# QK-norm and RoPE on all query and key heads at once, RoPE from cos/sin tables built once per
+# generation, with rotate_half's sign folded into the sin table, so that rotate_half(x) * sin =
+# roll(x) * sin'; the residual stream updated in place. Inference only: no dropout, no gradients.
+# Generation feeds the prompt through the readable path and, in eval mode, every token after it
+# through this one; tests/test_decode.py holds its logits to the readable path's at every step.
+# It also reads the weights in the layout they stream fastest. One row vector through a matrix is
+# all memory traffic, and on a CPU PyTorch's product streams a wide matrix (few long rows) about
+# twice as fast as a tall one (many short rows), whichever way round it multiplies: on the 2-core
+# development machine, 9-10 GB/s through (384, 1536) against 5 GB/s through (1536, 384), and
+# 10-12 against 5 GB/s through the seed model's (384, 49152) head and its (49152, 384) transpose.
+# nn.Linear keeps (out, in), which is tall for the head, q/k/v and gate/up. So batch-1 float32
+# decoding on a CPU reads a repacked copy: q, k and v side by side as one wide (hidden, q + k + v)
+# matrix, gate and up as one (hidden, 2 * intermediate), the head as (hidden, vocab); o and down
+# are wide already and are read in place. Like the weight repacking of CPU inference engines
+# (llama.cpp's, say), the copy is made once and kept while the model lives with the same weights,
+# in REPACKED beside the model (so it never travels with it: not in state_dict, deepcopy, pickle).
+# Every generation checks each parameter's storage and version counter, which every in-place
+# change bumps (an optimizer step, load_state_dict; writes through .data are the one way around
+# it), and repacks after a change. The copy costs memory (111 MB beside the seed model's 129 MB of
+# matrices), so models over 256 MB of matrices (Qwen3-0.6B: 2.4 GB in float32) do without it, as
+# do batches and float16 (both measured slower from it) and GPUs (not measured): they read views
+# of the module weights, through the same code.
 
 
 def rope_tables(config: Qwen3Config, length: int, dtype, device):
@@ -1094,60 +1103,123 @@ def rope_tables(config: Qwen3Config, length: int, dtype, device):
     return cos, torch.cat((-sin[:, :half], sin[:, half:]), dim=-1)  # the sign rotate_half puts on x2
 
 
+@dataclass(slots=True)
+class DecodeLayer:
+    """One block's weights as decode_one reads them. Every matrix is (in, out), multiplied as h @ w;
+    qkv and gate_up are one repacked matrix or a tuple of views of the module weights (project)."""
+    input_norm: torch.Tensor  # (hidden,)
+    qkv: torch.Tensor | tuple  # (hidden, (n_head + 2 * n_kv) * hd): q, k and v side by side
+    qkv_bias: torch.Tensor | None  # ((n_head + 2 * n_kv) * hd,), with attention_bias
+    qk_gain: torch.Tensor  # (n_head + n_kv, hd): q_norm's gain for every query head, k_norm's for every key head
+    o: torch.Tensor  # (n_head * hd, hidden)
+    o_bias: torch.Tensor | None
+    post_norm: torch.Tensor  # (hidden,)
+    gate_up: torch.Tensor | tuple  # (hidden, 2 * intermediate): gate and up side by side
+    down: torch.Tensor  # (intermediate, hidden)
+    window: int | None
+
+
+@dataclass(slots=True)
+class DecodeWeights:
+    layers: list[DecodeLayer]
+    head: torch.Tensor  # (hidden, vocab)
+
+
+def project(h: torch.Tensor, w, bias=None) -> torch.Tensor:
+    """h (B, in) @ w (in, out), w one matrix or a tuple of them side by side (outputs concatenated)."""
+    y = h @ w if isinstance(w, torch.Tensor) else torch.cat([h @ m for m in w], dim=-1)
+    return y if bias is None else y.add_(bias)
+
+
+def repacks(model: Qwen3, rows: int) -> bool:
+    """Whether decoding `rows` sequences reads A4's repacked copy of the weights (else views of them)."""
+    w = model.lm_head.weight
+    matrices = [p for p in model.model.layers.parameters() if p.dim() == 2] + [w]  # what a step reads
+    small = sum(p.numel() * p.element_size() for p in matrices) <= 256 * 2**20  # a copy's memory is affordable
+    return rows == 1 and w.dtype == torch.float32 and w.device.type == "cpu" and small
+
+
+REPACKED: "weakref.WeakKeyDictionary[Qwen3, tuple]" = weakref.WeakKeyDictionary()  # model -> (key, pins, copy)
+
+
+@torch.no_grad()
+def decode_weights(model: Qwen3, rows: int) -> DecodeWeights:
+    """The weights decode_one reads for `rows` sequences: the model's repacked copy where `repacks`
+    says so, made once and kept until a parameter changes, else views of the weights (no copy)."""
+    params = list(model.parameters())
+    key = [(p.data_ptr(), p._version) for p in params]  # storage and in-place writes: what any change alters
+    held = REPACKED.get(model)
+    if held is not None and held[0] != key:
+        del REPACKED[model]  # stale: free its memory before anything else
+        held = None
+    if not repacks(model, rows):
+        return _gather_decode_weights(model, repack=False)
+    if held is None:
+        # pins hold the storage the key names, so that no later tensor can be given its address while held
+        pins = [p.detach() for p in params]
+        held = REPACKED[model] = (key, pins, _gather_decode_weights(model, repack=True))
+    return held[2]
+
+
+def _gather_decode_weights(model: Qwen3, repack: bool) -> DecodeWeights:
+    def wide(w):  # nn.Linear's (out, in) weight as (in, out): a wide copy if out > in and repacking, else a view
+        return w.t().contiguous() if repack and w.size(0) > w.size(1) else w.t()
+
+    def side_by_side(*ws):  # (out_i, in) weights as one (in, sum of out_i) matrix, or a tuple of views
+        return wide(torch.cat(ws)) if repack else tuple(w.t() for w in ws)
+
+    layers = []
+    for layer in model.model.layers:
+        a, mlp = layer.self_attn, layer.mlp
+        qkv = (a.q_proj, a.k_proj, a.v_proj)
+        layers.append(DecodeLayer(
+            input_norm=layer.input_layernorm.weight, qkv=side_by_side(*(p.weight for p in qkv)),
+            qkv_bias=torch.cat([p.bias for p in qkv]) if a.q_proj.bias is not None else None,
+            qk_gain=torch.cat([a.q_norm.weight.expand(a.n_head, -1), a.k_norm.weight.expand(a.n_kv_head, -1)]),
+            o=wide(a.o_proj.weight), o_bias=a.o_proj.bias, post_norm=layer.post_attention_layernorm.weight,
+            gate_up=side_by_side(mlp.gate_proj.weight, mlp.up_proj.weight), down=wide(mlp.down_proj.weight),
+            window=a.window))
+    return DecodeWeights(layers, wide(model.lm_head.weight))
+
+
 @torch.no_grad()
 def decode_one(model: Qwen3, token: torch.Tensor, cache: StaticKVCache) -> torch.Tensor:
-    """Qwen3Model.forward for one new token per row, token (B, 1), on a filled cache: the final
-    hidden states (B, 1, hidden)."""
+    """model(token, cache)'s last logits for one new token per row, token (B, 1), on a filled cache:
+    (B, vocab)."""
     c, m = model.config, model.model
     B, H, hd, eps = token.size(0), c.hidden_size, c.head_dim, c.rms_norm_eps
-    if cache.rope is None:  # once per generation, for every position the cache can hold
+    nh, nkv = c.num_attention_heads, c.num_key_value_heads
+    if cache.weights is None:  # once per generation: the weights, and cos/sin for every position the cache can hold
+        cache.weights = decode_weights(model, B)
         cache.rope = rope_tables(c, cache.keys[0].size(2), m.embed_tokens.weight.dtype, token.device)
     position = torch.tensor([cache.seen_tokens], device=token.device)  # (1,)
     if cache.pad is not None:
         position = position - cache.pad  # (B,): each row counts its own tokens (section 6)
-    cos, sin = (t[position].view(-1, 1, 1, hd) for t in cache.rope)  # (1 or B, 1, 1, hd)
+    cos, sin = (t[position].view(-1, 1, hd) for t in cache.rope)  # (1 or B, 1, hd)
     masks = {}  # left padding only: per number of keys, the same for every layer that sees as many
-    x = m.embed_tokens(token)  # (B, 1, hidden)
-    for i, layer in enumerate(m.layers):
-        a, mlp = layer.self_attn, layer.mlp
-        h = F.rms_norm(x, (H,), layer.input_layernorm.weight, eps)
-        q = F.rms_norm(a.q_proj(h).view(B, a.n_head, 1, hd), (hd,), a.q_norm.weight, eps)  # (B, n_head, 1, hd)
-        k = F.rms_norm(a.k_proj(h).view(B, a.n_kv_head, 1, hd), (hd,), a.k_norm.weight, eps)  # (B, n_kv, 1, hd)
-        v = a.v_proj(h).view(B, a.n_kv_head, 1, hd)
-        q = torch.addcmul(q * cos, q.roll(hd // 2, -1), sin)  # apply_rope
-        k = torch.addcmul(k * cos, k.roll(hd // 2, -1), sin)
-        k, v = cache.update(i, k, v)  # (B, n_kv, S, hd); S within the window, so no mask without padding
-        mask = None
+    x = m.embed_tokens(token[:, 0])  # (B, hidden)
+    for i, w in enumerate(cache.weights.layers):
+        h = F.rms_norm(x, (H,), w.input_norm, eps)
+        qkv = project(h, w.qkv, w.qkv_bias)  # (B, (nh + 2 nkv) hd)
+        qk = F.rms_norm(qkv[:, :(nh + nkv) * hd].view(B, nh + nkv, hd), (hd,), None, eps) * w.qk_gain  # QK-norm
+        qk = torch.addcmul(qk * cos, qk.roll(hd // 2, -1), sin)  # apply_rope, on every query and key head at once
+        q, k = qk[:, :nh, None], qk[:, nh:, None]  # (B, nh, 1, hd), (B, nkv, 1, hd)
+        k, v = cache.update(i, k, qkv[:, (nh + nkv) * hd:].view(B, nkv, 1, hd))  # (B, nkv, S, hd)
+        mask = None  # S keys within the window: no mask, unless rows are padded
         if cache.pad is not None:
             S = k.size(2)
             if S not in masks:
-                masks[S] = latest_keys_mask(position[:, None], S, a.window)  # (B, 1, 1, S)
+                masks[S] = latest_keys_mask(position[:, None], S, w.window)  # (B, 1, 1, S)
             mask = masks[S]
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=a.n_kv_head != a.n_head)
-        x += a.o_proj(y.view(B, 1, a.n_head * hd))  # (B, n_head, 1, hd) is (B, 1, n_head * hd) in memory
-        h = F.rms_norm(x, (H,), layer.post_attention_layernorm.weight, eps)
-        g = F.silu(mlp.gate_proj(h), inplace=True)
-        x += mlp.down_proj(g.mul_(mlp.up_proj(h)))
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=nkv != nh)  # (B, nh, 1, hd)
+        x += project(y.view(B, nh * hd), w.o, w.o_bias)  # (B, nh, 1, hd) is (B, nh * hd) in memory
+        h = F.rms_norm(x, (H,), w.post_norm, eps)
+        gate, up = project(h, w.gate_up).chunk(2, dim=-1)
+        x += F.silu(gate).mul_(up) @ w.down
     cache.seen_tokens += 1
     if x.dtype == torch.float16:
         check_float16(x)  # A3
-    return F.rms_norm(x, (H,), m.norm.weight, eps)
-
-
-def head_reads_transposed(w: torch.Tensor, rows: int) -> bool:
-    """Whether decoding `rows` vectors reads the head `w` (vocab, hidden) from a (hidden, vocab) copy."""
-    small = w.numel() * w.element_size() <= 256 * 2**20  # the copy pays back within a few dozen tokens
-    return rows == 1 and w.dtype == torch.float32 and w.device.type == "cpu" and small
-
-
-def decode_logits(model: Qwen3, h: torch.Tensor, cache: StaticKVCache) -> torch.Tensor:
-    """lm_head of decode_one's hidden states h (B, 1, hidden): the logits (B, vocab)."""
-    w = model.lm_head.weight
-    if not head_reads_transposed(w, h.size(0)):
-        return model.lm_head(h[:, -1])
-    if cache.head is None:
-        cache.head = w.t().contiguous()  # (hidden, vocab), once per generation
-    return h[:, -1] @ cache.head
+    return F.rms_norm(x, (H,), m.norm.weight, eps) @ cache.weights.head
 
 
 # %% A5. Newton-Schulz on the Gram matrix

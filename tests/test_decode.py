@@ -10,14 +10,15 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from qwen3 import (Float16Overflow, KVCache, StaticKVCache, decode_logits, decode_one, head_reads_transposed,
-                   left_padding)
+from qwen3 import (REPACKED, Float16Overflow, KVCache, Qwen3, Qwen3Config, StaticKVCache, decode_one, left_padding,
+                   repacks)
 
 V = 101  # vocab of the tiny test models (conftest.TINY)
 PAD = 0  # the padding id we write; what stands in padded slots must not matter (see left_pad)
 SLIDING = dict(num_hidden_layers=3, use_sliding_window=True, sliding_window=4, max_window_layers=1)
-SHAPES = {  # dense and sliding, GQA and MQA
+SHAPES = {  # dense and sliding, GQA and MQA, with and without biases
     "full_gqa": dict(),
+    "full_gqa_attention_bias": dict(attention_bias=True),
     "sliding_w4_gqa": SLIDING,
     "all_sliding_mqa_tied": dict(use_sliding_window=True, sliding_window=3, max_window_layers=0,
                                  num_key_value_heads=1, tie_word_embeddings=True),
@@ -127,14 +128,15 @@ def decode_and_compare(ours, idx, mask, cuts, assert_logits_close):
             keep = real[:, a:b]
             for cache in (static, plain, fast):
                 if cache is fast and a > 0 and b - a == 1:
-                    logits = decode_logits(ours, decode_one(ours, idx[:, a:b], cache), cache)[:, None]
+                    logits = decode_one(ours, idx[:, a:b], cache)[:, None]
                     fast_steps += 1
                 else:
                     logits, _ = ours(idx[:, a:b], cache=cache, attention_mask=m)
                 assert_logits_close(logits[keep], full[:, a:b][keep])
                 assert cache.seen_tokens == b
         assert fast_steps == sum(b - a == 1 for a, b in zip(cuts, [*cuts[1:], idx.size(1)]))
-        assert (fast.head is not None) == (fast_steps > 0 and idx.size(0) == 1)  # one float32 row on a CPU: A4's head copy
+        held = REPACKED.get(ours)  # one float32 row on a CPU: A4's repacked copy, kept for the model
+        assert (held is not None and fast.weights is held[-1]) == (fast_steps > 0 and idx.size(0) == 1)
     return static
 
 
@@ -274,10 +276,57 @@ def test_zero_new_tokens_returns_the_prompt(model_pair):
     assert list(ours.stream(prompt[:1], 0)) == []
 
 
-def test_head_copy_only_where_it_was_measured_to_pay():
-    """A4 reads the head from a (hidden, vocab) copy for one float32 row on a CPU, up to 256 MB."""
-    w = torch.empty(65536, 1024)  # exactly 256 MB of float32 (uninitialised: never touched)
-    assert head_reads_transposed(w, 1)
-    assert not head_reads_transposed(torch.empty(65537, 1024), 1)  # Qwen3-0.6B's 622 MB head is far past it
-    assert not head_reads_transposed(w, 8)
-    assert not head_reads_transposed(w[:1024].half(), 1)
+def test_repacked_copy_only_where_it_was_measured_to_pay():
+    """A4 repacks for one float32 row on a CPU, while a step's matrices fit in 256 MB."""
+    def model(hidden, intermediate=64, **kw):  # 1 layer: q, k, v, o (hidden, hidden), gate, up, down, the head
+        cfg = Qwen3Config(vocab_size=V, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=1,
+                          num_attention_heads=1, num_key_value_heads=1, head_dim=hidden, **kw)
+        with torch.device("meta"):
+            m = Qwen3(cfg)
+        return m.to_empty(device="cpu")  # uninitialised memory, never touched
+
+    def matrix_bytes(m):
+        return 4 * sum(p.numel() for p in [*m.model.layers.parameters(), m.lm_head.weight] if p.dim() == 2)
+
+    tiny = model(16)
+    assert repacks(tiny, 1) and not repacks(tiny, 8) and not repacks(tiny.half(), 1)
+    at, over = model(4000, 225), model(4000, 226)  # 4 h^2 + (3 I + 101) h floats: 256 MB lies between
+    assert matrix_bytes(at) <= 256 * 2**20 < matrix_bytes(over)
+    assert repacks(at, 1) and not repacks(over, 1)
+    tied = model(4000, 225, tie_word_embeddings=True)  # the head is the embedding's matrix, and still read every step
+    assert matrix_bytes(tied) == matrix_bytes(at) and repacks(tied, 1)
+
+
+def test_repacked_copy_follows_every_change_of_the_weights(model_pair):
+    """The copy is kept across generations while the weights stay, and made again after an optimizer
+    step, a load_state_dict (in place or assigned) or a round trip through float16: the greedy tokens
+    are always those of transformers with the same weights."""
+    hf, ours = model_pair(seed=3)
+    prompt = rand_ids((1, 5), seed=1)
+
+    def generate_and_compare():
+        got = ours.generate(prompt, 8, temperature=0)
+        with torch.no_grad():
+            hf.load_state_dict(ours.state_dict())
+        want = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=8, min_new_tokens=8,
+                           do_sample=False, eos_token_id=None, pad_token_id=0)
+        assert torch.equal(got, want)
+        return REPACKED[ours][-1]
+
+    first = generate_and_compare()
+    assert generate_and_compare() is first  # unchanged weights: the same copy
+    opt = torch.optim.SGD(ours.parameters(), lr=0.5)
+    ours.train()
+    ours(prompt, rand_ids((1, 5), seed=2))[1].backward()
+    opt.step()
+    ours.eval()
+    second = generate_and_compare()
+    assert second is not first
+    ours.load_state_dict(model_pair(seed=4)[1].state_dict())
+    third = generate_and_compare()
+    assert third is not second
+    ours.half().float()  # new storage (perhaps at the old addresses), float16-rounded weights
+    fourth = generate_and_compare()
+    assert fourth is not third
+    ours.load_state_dict(model_pair(seed=5)[1].state_dict(), assign=True)  # the parameters themselves replaced
+    assert generate_and_compare() is not fourth
