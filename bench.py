@@ -29,7 +29,7 @@ from datetime import date
 
 import torch
 
-from qwen3 import PRESETS, Muon, Qwen3, Qwen3Config, decode_weights, repacks
+from qwen3 import PRESETS, Muon, Qwen3, Qwen3Config, decode_weights, project, repacks
 
 
 def parse_args():
@@ -131,24 +131,25 @@ def decode_fn(model, prompt, n, ours, args, mask=None):
 
 
 def decode_matrices(model, rows):
-    """The matrices one decoding step of `rows` sequences reads, each (in, out) as qwen3.py's A4 reads
-    it (a repacked copy or a view), in the order it reads them: every layer's projections, then the
-    output head (the embedding contributes one row per token, nothing to speak of)."""
+    """The matrices one decoding step of `rows` sequences reads, held as qwen3.py's A4 holds them
+    (column blocks, repacked or views), in the order it reads them: every layer's projections, then
+    the output head (the embedding contributes one row per token, nothing to speak of)."""
     w = decode_weights(getattr(model, "_orig_mod", model), rows)  # the model itself, if torch.compile wrapped it
     ms = [m for layer in w.layers for m in (layer.qkv, layer.o, layer.gate_up, layer.down)] + [w.head]
-    return [p.detach() for m in ms for p in (m if isinstance(m, tuple) else (m,))]
+    return [p for m in ms for p in (m if isinstance(m, tuple) else (m,))]
 
 
 def gemv_fn(matrices, rows, n):
-    """n passes of `rows` vectors through `matrices` (in, out): the matrix-vector work of n decoding
-    steps and nothing else, so 1 / (its time / n) bounds the steps per second."""
-    xs = [torch.randn(rows, m.size(0), dtype=m.dtype, device=m.device) for m in matrices]
+    """n passes of `rows` vectors through `matrices`, each multiplied as A4 multiplies it: the
+    matrix-vector work of n decoding steps and nothing else, so 1 / (its time / n) bounds the steps
+    per second."""
+    xs = [torch.randn(rows, m.size(1), dtype=m.dtype, device=m.device) for m in matrices]
 
     @torch.no_grad()
     def passes():
         for _ in range(n):
             for m, x in zip(matrices, xs):
-                x @ m
+                project(x, m)
     return passes
 
 

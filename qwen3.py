@@ -568,9 +568,10 @@ def _next_tokens(model: Qwen3, idx, max_new_tokens, temperature, top_k, top_p, g
     cache = StaticKVCache(model, idx.size(0), length)  # the Appendix, A2: section 7's cache, preallocated
     x, mask, fed = idx, attention_mask, [idx]
     for step in range(max_new_tokens):
-        try:  # the prompt through the readable forward pass, each new token (in eval mode) through the Appendix's A4
+        try:  # the prompt through the readable forward pass; in eval mode its logits and each new token through A4
             if step == 0 or model.training:
-                logits = model.lm_head(model.model(x, cache, mask)[:, -1])  # (B, vocab): only the last position matters
+                h = model.model(x, cache, mask)[:, -1]  # (B, hidden): only the last position matters
+                logits = model.lm_head(h) if model.training else decode_logits(model, h, cache)  # (B, vocab)
             else:
                 logits = decode_one(model, x, cache)
         except Float16Overflow as e:  # the Appendix, A3: redo everything so far in float32, and go on so
@@ -1105,30 +1106,42 @@ def rope_tables(config: Qwen3Config, length: int, dtype, device):
 
 @dataclass(slots=True)
 class DecodeLayer:
-    """One block's weights as decode_one reads them. Every matrix is (in, out), multiplied as h @ w;
-    qkv and gate_up are one repacked matrix or a tuple of views of the module weights (project)."""
+    """One block's weights as decode_one reads them. Every matrix is held as k column blocks of its
+    (in, out) transpose, (k, in, out / k), multiplied by project; qkv and gate_up are one repacked
+    matrix, or a tuple of views of the module weights."""
     input_norm: torch.Tensor  # (hidden,)
-    qkv: torch.Tensor | tuple  # (hidden, (n_head + 2 * n_kv) * hd): q, k and v side by side
+    qkv: torch.Tensor | tuple  # (hidden, (n_head + 2 * n_kv) * hd) in blocks: q, k and v side by side
     qkv_bias: torch.Tensor | None  # ((n_head + 2 * n_kv) * hd,), with attention_bias
     qk_gain: torch.Tensor  # (n_head + n_kv, hd): q_norm's gain for every query head, k_norm's for every key head
-    o: torch.Tensor  # (n_head * hd, hidden)
+    o: torch.Tensor  # (n_head * hd, hidden) in blocks
     o_bias: torch.Tensor | None
     post_norm: torch.Tensor  # (hidden,)
-    gate_up: torch.Tensor | tuple  # (hidden, 2 * intermediate): gate and up side by side
-    down: torch.Tensor  # (intermediate, hidden)
+    gate_up: torch.Tensor | tuple  # (hidden, 2 * intermediate) in blocks: gate and up side by side
+    down: torch.Tensor  # (intermediate, hidden) in blocks
     window: int | None
 
 
 @dataclass(slots=True)
 class DecodeWeights:
     layers: list[DecodeLayer]
-    head: torch.Tensor  # (hidden, vocab)
+    head: torch.Tensor  # (hidden, vocab) in blocks
 
 
 def project(h: torch.Tensor, w, bias=None) -> torch.Tensor:
-    """h (B, in) @ w (in, out), w one matrix or a tuple of them side by side (outputs concatenated)."""
-    y = h @ w if isinstance(w, torch.Tensor) else torch.cat([h @ m for m in w], dim=-1)
+    """h (B, in) times the matrix held as column blocks w (k, in, out / k), or as a tuple of such
+    matrices side by side (their outputs concatenated): (B, out)."""
+    if isinstance(w, tuple):
+        y = torch.cat([project(h, m) for m in w], dim=-1)
+    elif w.size(0) == 1:
+        y = h @ w[0]  # one block: a plain product (a batched product of one is slower in float16 here)
+    else:  # one product per block, (k, B, out / k), then the blocks side by side (a view when B = 1)
+        y = torch.bmm(h.expand(w.size(0), *h.shape), w).transpose(0, 1).reshape(h.size(0), -1)
     return y if bias is None else y.add_(bias)
+
+
+def decode_blocks(w: torch.Tensor) -> int:
+    """How many column blocks decode_one cuts the matrices of a model with weights like w into."""
+    return torch.get_num_threads() if w.device.type == "cpu" and w.dtype == torch.float32 else 1
 
 
 def repacks(model: Qwen3, rows: int) -> bool:
@@ -1146,27 +1159,29 @@ REPACKED: "weakref.WeakKeyDictionary[Qwen3, tuple]" = weakref.WeakKeyDictionary(
 def decode_weights(model: Qwen3, rows: int) -> DecodeWeights:
     """The weights decode_one reads for `rows` sequences: the model's repacked copy where `repacks`
     says so, made once and kept until a parameter changes, else views of the weights (no copy)."""
-    params = list(model.parameters())
-    key = [(p.data_ptr(), p._version) for p in params]  # storage and in-place writes: what any change alters
+    params, k = list(model.parameters()), decode_blocks(model.lm_head.weight)
+    key = (k, [(p.data_ptr(), p._version) for p in params])  # storage and in-place writes: what any change alters
     held = REPACKED.get(model)
     if held is not None and held[0] != key:
         del REPACKED[model]  # stale: free its memory before anything else
         held = None
     if not repacks(model, rows):
-        return _gather_decode_weights(model, repack=False)
+        return _gather_decode_weights(model, k, repack=False)
     if held is None:
         # pins hold the storage the key names, so that no later tensor can be given its address while held
         pins = [p.detach() for p in params]
-        held = REPACKED[model] = (key, pins, _gather_decode_weights(model, repack=True))
+        held = REPACKED[model] = (key, pins, _gather_decode_weights(model, k, repack=True))
     return held[2]
 
 
-def _gather_decode_weights(model: Qwen3, repack: bool) -> DecodeWeights:
-    def wide(w):  # nn.Linear's (out, in) weight as (in, out): a wide copy if out > in and repacking, else a view
-        return w.t().contiguous() if repack and w.size(0) > w.size(1) else w.t()
+def _gather_decode_weights(model: Qwen3, k: int, repack: bool) -> DecodeWeights:
+    def blocks(w):  # nn.Linear's (out, in) weight as (k, in, out / k): a view, or repacked contiguous
+        n = k if w.size(0) % k == 0 else 1
+        v = w.view(n, w.size(0) // n, w.size(1)).transpose(1, 2)  # block b: rows b * out / n onwards of w, transposed
+        return v.contiguous() if repack else v
 
-    def side_by_side(*ws):  # (out_i, in) weights as one (in, sum of out_i) matrix, or a tuple of views
-        return wide(torch.cat(ws)) if repack else tuple(w.t() for w in ws)
+    def side_by_side(*ws):  # (out_i, in) weights as one matrix of all the outputs, or a tuple of them
+        return blocks(torch.cat(ws)) if repack else tuple(blocks(w) for w in ws)
 
     layers = []
     for layer in model.model.layers:
@@ -1176,10 +1191,10 @@ def _gather_decode_weights(model: Qwen3, repack: bool) -> DecodeWeights:
             input_norm=layer.input_layernorm.weight, qkv=side_by_side(*(p.weight for p in qkv)),
             qkv_bias=torch.cat([p.bias for p in qkv]) if a.q_proj.bias is not None else None,
             qk_gain=torch.cat([a.q_norm.weight.expand(a.n_head, -1), a.k_norm.weight.expand(a.n_kv_head, -1)]),
-            o=wide(a.o_proj.weight), o_bias=a.o_proj.bias, post_norm=layer.post_attention_layernorm.weight,
-            gate_up=side_by_side(mlp.gate_proj.weight, mlp.up_proj.weight), down=wide(mlp.down_proj.weight),
+            o=blocks(a.o_proj.weight), o_bias=a.o_proj.bias, post_norm=layer.post_attention_layernorm.weight,
+            gate_up=side_by_side(mlp.gate_proj.weight, mlp.up_proj.weight), down=blocks(mlp.down_proj.weight),
             window=a.window))
-    return DecodeWeights(layers, wide(model.lm_head.weight))
+    return DecodeWeights(layers, blocks(model.lm_head.weight))
 
 
 @torch.no_grad()
@@ -1189,8 +1204,7 @@ def decode_one(model: Qwen3, token: torch.Tensor, cache: StaticKVCache) -> torch
     c, m = model.config, model.model
     B, H, hd, eps = token.size(0), c.hidden_size, c.head_dim, c.rms_norm_eps
     nh, nkv = c.num_attention_heads, c.num_key_value_heads
-    if cache.weights is None:  # once per generation: the weights, and cos/sin for every position the cache can hold
-        cache.weights = decode_weights(model, B)
+    if cache.rope is None:  # once per generation, cos/sin for every position the cache can hold
         cache.rope = rope_tables(c, cache.keys[0].size(2), m.embed_tokens.weight.dtype, token.device)
     position = torch.tensor([cache.seen_tokens], device=token.device)  # (1,)
     if cache.pad is not None:
@@ -1198,7 +1212,7 @@ def decode_one(model: Qwen3, token: torch.Tensor, cache: StaticKVCache) -> torch
     cos, sin = (t[position].view(-1, 1, hd) for t in cache.rope)  # (1 or B, 1, hd)
     masks = {}  # left padding only: per number of keys, the same for every layer that sees as many
     x = m.embed_tokens(token[:, 0])  # (B, hidden)
-    for i, w in enumerate(cache.weights.layers):
+    for i, w in enumerate(cache_weights(model, cache).layers):
         h = F.rms_norm(x, (H,), w.input_norm, eps)
         qkv = project(h, w.qkv, w.qkv_bias)  # (B, (nh + 2 nkv) hd)
         qk = F.rms_norm(qkv[:, :(nh + nkv) * hd].view(B, nh + nkv, hd), (hd,), None, eps) * w.qk_gain  # QK-norm
@@ -1215,11 +1229,23 @@ def decode_one(model: Qwen3, token: torch.Tensor, cache: StaticKVCache) -> torch
         x += project(y.view(B, nh * hd), w.o, w.o_bias)  # (B, nh, 1, hd) is (B, nh * hd) in memory
         h = F.rms_norm(x, (H,), w.post_norm, eps)
         gate, up = project(h, w.gate_up).chunk(2, dim=-1)
-        x += F.silu(gate).mul_(up) @ w.down
+        x += project(F.silu(gate).mul_(up), w.down)
     cache.seen_tokens += 1
     if x.dtype == torch.float16:
         check_float16(x)  # A3
-    return F.rms_norm(x, (H,), m.norm.weight, eps) @ cache.weights.head
+    return decode_logits(model, F.rms_norm(x, (H,), m.norm.weight, eps), cache)
+
+
+def cache_weights(model: Qwen3, cache: StaticKVCache) -> DecodeWeights:
+    """decode_weights for the rows of this cache, fetched once per generation."""
+    if cache.weights is None:
+        cache.weights = decode_weights(model, cache.keys[0].size(0))
+    return cache.weights
+
+
+def decode_logits(model: Qwen3, h: torch.Tensor, cache: StaticKVCache) -> torch.Tensor:
+    """lm_head(h) for final hidden states h (B, hidden), the head read as A4 reads it: (B, vocab)."""
+    return project(h, cache_weights(model, cache).head)
 
 
 # %% A5. Newton-Schulz on the Gram matrix

@@ -10,8 +10,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from qwen3 import (REPACKED, Float16Overflow, KVCache, Qwen3, Qwen3Config, StaticKVCache, decode_one, left_padding,
-                   repacks)
+from qwen3 import (REPACKED, Float16Overflow, KVCache, Qwen3, Qwen3Config, StaticKVCache, decode_one, decode_weights,
+                   left_padding, repacks)
 
 V = 101  # vocab of the tiny test models (conftest.TINY)
 PAD = 0  # the padding id we write; what stands in padded slots must not matter (see left_pad)
@@ -140,9 +140,18 @@ def decode_and_compare(ours, idx, mask, cuts, assert_logits_close):
     return static
 
 
+@pytest.fixture(params=[1, 2, 3], ids=lambda n: f"{n}threads")
+def threads(request):
+    """A4 cuts each float32 CPU matrix into one column block per thread (3: not every width divides)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("name", SHAPES)
 @pytest.mark.parametrize("padded", [False, True])
-def test_static_cache_matches_full_forward_every_step(name, padded, model_pair, assert_logits_close):
+def test_static_cache_matches_full_forward_every_step(name, padded, threads, model_pair, assert_logits_close):
     hf, ours = model_pair(seed=4, **SHAPES[name])
     if padded:  # three prompts (12, 5 and 1 tokens) in one call with their mask, then 8 steps of one token
         idx, mask = left_pad([rand_ids((n,), seed=n).tolist() for n in (12, 5, 1)], seed=7)
@@ -152,6 +161,7 @@ def test_static_cache_matches_full_forward_every_step(name, padded, model_pair, 
         idx, mask, cuts = rand_ids((1, 20), seed=5), None, list(range(4, 20))
     cache = decode_and_compare(ours, idx, mask, cuts, assert_logits_close)
     assert cache.keys[0].shape[2] == idx.size(1) + 2  # allocated once, for the whole length
+    assert decode_weights(ours, idx.size(0)).layers[0].down.size(0) == (threads if 32 % threads == 0 else 1)
 
 
 @st.composite
