@@ -12,7 +12,8 @@ memory row) and writes the raw numbers as JSON (--json). Every decode row also p
 bandwidth bound: the bytes of weights one decoding step reads, over the speed at which PyTorch
 streams those very matrices (the model's own weights, one vector or one row per sequence through
 each, in the order and layout of qwen3.py's A4 step: repacked where it repacks), measured in the
-same rounds as the two models; and the fraction of that bound each side reaches.
+same rounds as the two models; the fraction of that bound each side reaches; and both again for the
+decoding steps alone, the prompt's prefill (timed on its own in the same rounds) taken out.
 """
 
 import argparse
@@ -50,7 +51,10 @@ def parse_args():
                    "train,forward,decode,batch-decode,memory,muon")
     p.add_argument("--json", default=None, help="write the results here as JSON")
     p.add_argument("--seed", type=int, default=0)
-    return p.parse_args()
+    args = p.parse_args()
+    if args.decode_tokens < 2:
+        p.error("--decode-tokens must be at least 2 (the decode rows also time the steps after the first token)")
+    return args
 
 
 def model_config(args) -> Qwen3Config:
@@ -279,25 +283,36 @@ def main():
         t_ours, t_theirs = timed([forward_fn(ours, x, True, args), forward_fn(theirs, x, False, args)], args)
         record("forward", "tok/s", B * T / t_ours, B * T / t_theirs)
     def decode_row(name, m_ours, m_theirs, prompt, mask=None):
-        """New tokens/s of both, and the bandwidth bound measured in the same rounds."""
+        """New tokens/s of both, and the bandwidth bound measured in the same rounds; then the same
+        without the prompt: the prefill alone (one new token) is timed in those rounds too, and the
+        other n - 1 tokens' rate is what the decoding steps reach by themselves."""
         n, B = args.decode_tokens, prompt.size(0)
         m_ours.eval(), m_theirs.eval()  # as generate asks (ours decodes its new tokens on the Appendix's A4 path then)
         t0 = time.perf_counter()
         weights = decode_matrices(m_ours, B)  # where A4 repacks, the copy is made here, once per model
         repack_s = time.perf_counter() - t0
-        t_ours, t_theirs, t_gemv = timed([decode_fn(m_ours, prompt, n, True, args, mask),
-                                          decode_fn(m_theirs, prompt, n, False, args, mask),
-                                          gemv_fn(weights, B, n)], args, warmup=1)
+        t_ours, t_theirs, t_gemv, t_ours_1, t_theirs_1 = timed(
+            [decode_fn(m_ours, prompt, n, True, args, mask), decode_fn(m_theirs, prompt, n, False, args, mask),
+             gemv_fn(weights, B, n), decode_fn(m_ours, prompt, 1, True, args, mask),
+             decode_fn(m_theirs, prompt, 1, False, args, mask)], args, warmup=1)
         record(name, "tok/s", B * n / t_ours, B * n / t_theirs)
         per_step = sum(w.numel() * w.element_size() for w in weights)
         bound = B * n / t_gemv
+        steps_ours, steps_theirs = B * (n - 1) / (t_ours - t_ours_1), B * (n - 1) / (t_theirs - t_theirs_1)
         res["results"][name].update(bound=bound, weight_bytes_per_step=per_step, gemv_gb_per_s=per_step * n / t_gemv / 1e9,
                                     repack_seconds=repack_s if repacks(m_ours, B) else None,
-                                    fraction_ours=B * n / t_ours / bound, fraction_transformers=B * n / t_theirs / bound)
+                                    fraction_ours=B * n / t_ours / bound, fraction_transformers=B * n / t_theirs / bound,
+                                    prefill_seconds_ours=t_ours_1, prefill_seconds_transformers=t_theirs_1,
+                                    steps_ours=steps_ours, steps_transformers=steps_theirs,
+                                    steps_fraction_ours=steps_ours / bound, steps_fraction_transformers=steps_theirs / bound)
         r = res["results"][name]
         print(f"{'':<28} bound {bound:,.1f} tok/s ({per_step / 1e6:,.0f} MB of weights per step at "
               f"{r['gemv_gb_per_s']:.1f} GB/s): ours {r['fraction_ours']:.2f} of it, transformers "
               f"{r['fraction_transformers']:.2f}", flush=True)
+        print(f"{'':<28} without the prompt (its prefill: ours {1000 * t_ours_1:,.0f} ms, transformers "
+              f"{1000 * t_theirs_1:,.0f} ms): ours {steps_ours:,.1f} tok/s, {r['steps_fraction_ours']:.2f} of the bound, "
+              f"transformers {steps_theirs:,.1f}, {r['steps_fraction_transformers']:.2f}; {steps_ours / steps_theirs:.2f}x",
+              flush=True)
         if r["repack_seconds"] is not None:
             print(f"{'':<28} ours reads A4's repacked weights, made once for the model in {1000 * repack_s:.0f} ms",
                   flush=True)

@@ -1076,24 +1076,28 @@ def continue_in_float32(model: Qwen3, seq, attention_mask, max_len: int, error: 
 # generation, with rotate_half's sign folded into the sin table, so that rotate_half(x) * sin =
 # roll(x) * sin'; the residual stream updated in place. Inference only: no dropout, no gradients.
 # Generation feeds the prompt through the readable path and, in eval mode, every token after it
-# through this one; tests/test_decode.py holds its logits to the readable path's at every step.
-# It also reads the weights in the layout they stream fastest. One row vector through a matrix is
-# all memory traffic, and on a CPU PyTorch's product streams a wide matrix (few long rows) about
-# twice as fast as a tall one (many short rows), whichever way round it multiplies: on the 2-core
-# development machine, 9-10 GB/s through (384, 1536) against 5 GB/s through (1536, 384), and
-# 10-12 against 5 GB/s through the seed model's (384, 49152) head and its (49152, 384) transpose.
-# nn.Linear keeps (out, in), which is tall for the head, q/k/v and gate/up. So batch-1 float32
-# decoding on a CPU reads a repacked copy: q, k and v side by side as one wide (hidden, q + k + v)
-# matrix, gate and up as one (hidden, 2 * intermediate), the head as (hidden, vocab); o and down
-# are wide already and are read in place. Like the weight repacking of CPU inference engines
-# (llama.cpp's, say), the copy is made once and kept while the model lives with the same weights,
-# in REPACKED beside the model (so it never travels with it: not in state_dict, deepcopy, pickle).
-# Every generation checks each parameter's storage and version counter, which every in-place
-# change bumps (an optimizer step, load_state_dict; writes through .data are the one way around
-# it), and repacks after a change. The copy costs memory (111 MB beside the seed model's 129 MB of
-# matrices), so models over 256 MB of matrices (Qwen3-0.6B: 2.4 GB in float32) do without it, as
-# do batches and float16 (both measured slower from it) and GPUs (not measured): they read views
-# of the module weights, through the same code.
+# through this one (and the prompt's logits through its head, decode_logits); tests/test_decode.py
+# holds its logits to the readable path's at every step.
+# It also reads the weights the way they stream fastest. One vector through a matrix is all memory
+# traffic, and PyTorch's CPU product of one vector with a whole matrix leaves bandwidth unused; cut
+# into one block per thread and multiplied by torch.bmm, each thread streaming its own block, the
+# same bytes go 1.35-1.55x faster in float32 (benchmarks/gemv_layouts.py on the 2-core development
+# machine: a seed-model step's matrices at 1 and 8 rows, and Qwen3-0.6B's). So on a CPU every
+# float32 matrix is read as k = torch.get_num_threads() column blocks of its (in, out) transpose,
+# (k, in, out / k); of nn.Linear's (out, in) weight, block b is rows b * out / k onwards, transposed:
+# a view, free. Small matrices gain more from a repacked copy in which the blocks are contiguous and
+# q, k, v stand side by side as one matrix, gate and up as another (two products fewer a layer):
+# 2.35x F.linear for one row through the seed model's, against 1.54x from views. Like the weight
+# repacking of CPU inference engines (llama.cpp's, say), the copy is made once and kept while the
+# model lives with the same weights, in REPACKED beside the model (so it never travels with it: not
+# in state_dict, deepcopy, pickle). Every generation checks each parameter's storage and version
+# counter, which every in-place change bumps (an optimizer step, load_state_dict; writes through
+# .data are the one way around it), and repacks after a change. The copy costs as much memory as the
+# matrices, so only batch-1 float32 decoding on a CPU with at most 256 MB of them repacks (the seed
+# model has 129 MB): at 8 rows the copy streams slower than views (1.33x against 1.55x), and
+# Qwen3-0.6B's matrices (2.4 GB) gain nothing from it (1.31x against 1.35x). float16 streams
+# fastest through F.linear's own kernel (blocks: 0.87x) and GPUs are not measured: both read one
+# block, a plain product.
 
 
 def rope_tables(config: Qwen3Config, length: int, dtype, device):
@@ -1140,7 +1144,8 @@ def project(h: torch.Tensor, w, bias=None) -> torch.Tensor:
 
 
 def decode_blocks(w: torch.Tensor) -> int:
-    """How many column blocks decode_one cuts the matrices of a model with weights like w into."""
+    """How many column blocks decode_one cuts the matrices of a model with weights like w into:
+    one per thread for float32 on a CPU, else 1 (measured: see above)."""
     return torch.get_num_threads() if w.device.type == "cpu" and w.dtype == torch.float32 else 1
 
 
@@ -1166,15 +1171,17 @@ def decode_weights(model: Qwen3, rows: int) -> DecodeWeights:
         del REPACKED[model]  # stale: free its memory before anything else
         held = None
     if not repacks(model, rows):
-        return _gather_decode_weights(model, k, repack=False)
+        return gather_decode_weights(model, k, repack=False)
     if held is None:
         # pins hold the storage the key names, so that no later tensor can be given its address while held
         pins = [p.detach() for p in params]
-        held = REPACKED[model] = (key, pins, _gather_decode_weights(model, k, repack=True))
+        held = REPACKED[model] = (key, pins, gather_decode_weights(model, k, repack=True))
     return held[2]
 
 
-def _gather_decode_weights(model: Qwen3, k: int, repack: bool) -> DecodeWeights:
+def gather_decode_weights(model: Qwen3, k: int, repack: bool) -> DecodeWeights:
+    """model's weights as decode_one reads them, each matrix in k column blocks (fewer where k does not
+    divide its width): contiguous copies with q/k/v and gate/up fused if repack, else views."""
     def blocks(w):  # nn.Linear's (out, in) weight as (k, in, out / k): a view, or repacked contiguous
         n = k if w.size(0) % k == 0 else 1
         v = w.view(n, w.size(0) // n, w.size(1)).transpose(1, 2)  # block b: rows b * out / n onwards of w, transposed

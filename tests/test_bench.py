@@ -1,0 +1,54 @@
+"""The measuring scripts run, and measure what they say: bench.py's decode rows and
+benchmarks/gemv_layouts.py, on a tiny model, checked against an independent count of the bytes a
+decoding step reads. (Speed itself is never asserted: it comes from these scripts, run alone.)"""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from qwen3 import Qwen3Config
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def step_bytes(cfg: Qwen3Config) -> int:
+    """Every layer's seven projections and the head, float32, counted from the config alone."""
+    h, hd, i = cfg.hidden_size, cfg.head_dim, cfg.intermediate_size
+    attn = h * hd * (2 * cfg.num_attention_heads + 2 * cfg.num_key_value_heads)  # q and o, k and v
+    return 4 * (cfg.num_hidden_layers * (attn + 3 * h * i) + cfg.vocab_size * h)
+
+
+def run(script, *args):
+    out = subprocess.run([sys.executable, str(ROOT / script), *args], capture_output=True, text=True, timeout=300,
+                         cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    return out.stdout
+
+
+def test_gemv_layouts_measures_every_layout_over_the_steps_matrices(tmp_path):
+    run("benchmarks/gemv_layouts.py", "--preset", "cpu", "--repeats", "1", "--passes", "1",
+        "--json", str(tmp_path / "g.json"))
+    res = json.loads((tmp_path / "g.json").read_text())
+    assert res["step_bytes"] == step_bytes(Qwen3Config.preset("cpu"))
+    assert len(res["layouts"]) == 4 and all(r["gb_per_s"] > 0 for r in res["layouts"].values())
+
+
+def test_bench_decode_rows_report_bound_and_steps_alone(tmp_path):
+    out = run("bench.py", "--preset", "cpu", "--vocab-size", "256", "--decode-tokens", "4", "--repeats", "1",
+              "--decode-dtypes", "float32", "--skip", "train,forward,memory,muon", "--json", str(tmp_path / "b.json"))
+    res = json.loads((tmp_path / "b.json").read_text())
+    cfg = Qwen3Config.preset("cpu", vocab_size=256)
+    rows = res["results"]
+    assert set(rows) == {"decode, batch 1, greedy", "decode, batch 8, padded prompts"}
+    for r in rows.values():
+        assert r["weight_bytes_per_step"] == step_bytes(cfg)
+        assert 0 < r["fraction_ours"] and 0 < r["steps_fraction_ours"] and r["prefill_seconds_ours"] > 0
+    assert rows["decode, batch 1, greedy"]["repack_seconds"] is not None  # one float32 row on a CPU: repacked
+    assert rows["decode, batch 8, padded prompts"]["repack_seconds"] is None
+    assert "without the prompt" in out
+
+
+def test_bench_refuses_too_few_decode_tokens():
+    out = subprocess.run([sys.executable, str(ROOT / "bench.py"), "--decode-tokens", "1"], capture_output=True,
+                         text=True, timeout=60, cwd=ROOT)
+    assert out.returncode == 2 and "at least 2" in out.stderr and "Traceback" not in out.stderr
