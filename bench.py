@@ -138,9 +138,7 @@ def decode_matrices(model, rows):
     """The matrices one decoding step of `rows` sequences reads, held as qwen3.py's A4 holds them
     (column blocks, repacked or views), in the order it reads them: every layer's projections, then
     the output head (the embedding contributes one row per token, nothing to speak of)."""
-    w = decode_weights(getattr(model, "_orig_mod", model), rows)  # the model itself, if torch.compile wrapped it
-    ms = [m for layer in w.layers for m in (layer.qkv, layer.o, layer.gate_up, layer.down)] + [w.head]
-    return [p for m in ms for p in (m if isinstance(m, tuple) else (m,))]
+    return decode_weights(getattr(model, "_orig_mod", model), rows).matrices()  # the model itself, if compiled
 
 
 def gemv_fn(matrices, rows, n):

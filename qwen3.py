@@ -18,7 +18,7 @@ comes from, and the sections build on each other:
      A1. Linear + cross-entropy  the training loss without the logits, chunk by chunk
      A2. Preallocated KV cache   generation's cache, written in place instead of concatenated
      A3. float16 decoding        half the bytes per token, with an overflow guard
-     A4. One new token           a decoding step in fewer, fused operations, from repacked weights
+     A4. One new token           a decoding step in fewer, fused operations; matrices in blocks
      A5. Gram Newton-Schulz      Muon's iteration on the small Gram matrix, for wide matrices
 
 The model is a spec as much as a program: given the same weights, its logits match Hugging Face
@@ -1081,23 +1081,23 @@ def continue_in_float32(model: Qwen3, seq, attention_mask, max_len: int, error: 
 # It also reads the weights the way they stream fastest. One vector through a matrix is all memory
 # traffic, and PyTorch's CPU product of one vector with a whole matrix leaves bandwidth unused; cut
 # into one block per thread and multiplied by torch.bmm, each thread streaming its own block, the
-# same bytes go 1.35-1.55x faster in float32 (benchmarks/gemv_layouts.py on the 2-core development
+# same bytes go 1.4-1.7x faster in float32 (benchmarks/gemv_layouts.py on the 2-core development
 # machine: a seed-model step's matrices at 1 and 8 rows, and Qwen3-0.6B's). So on a CPU every
 # float32 matrix is read as k = torch.get_num_threads() column blocks of its (in, out) transpose,
 # (k, in, out / k); of nn.Linear's (out, in) weight, block b is rows b * out / k onwards, transposed:
 # a view, free. Small matrices gain more from a repacked copy in which the blocks are contiguous and
 # q, k, v stand side by side as one matrix, gate and up as another (two products fewer a layer):
-# 2.35x F.linear for one row through the seed model's, against 1.54x from views. Like the weight
+# 2.37x F.linear for one row through the seed model's, against 1.67x from views. Like the weight
 # repacking of CPU inference engines (llama.cpp's, say), the copy is made once and kept while the
 # model lives with the same weights, in REPACKED beside the model (so it never travels with it: not
 # in state_dict, deepcopy, pickle). Every generation checks each parameter's storage and version
 # counter, which every in-place change bumps (an optimizer step, load_state_dict; writes through
 # .data are the one way around it), and repacks after a change. The copy costs as much memory as the
 # matrices, so only batch-1 float32 decoding on a CPU with at most 256 MB of them repacks (the seed
-# model has 129 MB): at 8 rows the copy streams slower than views (1.33x against 1.55x), and
-# Qwen3-0.6B's matrices (2.4 GB) gain nothing from it (1.31x against 1.35x). float16 streams
-# fastest through F.linear's own kernel (blocks: 0.87x) and GPUs are not measured: both read one
-# block, a plain product.
+# model has 129 MB): at 8 rows the copy streams slower than views (1.20x against 1.51x), and
+# Qwen3-0.6B's matrices (2.4 GB) gained 0-8% from it in three runs. float16 streams fastest
+# through F.linear's own kernel (blocks: 0.95x) and GPUs are not measured: both read one block, a
+# plain product.
 
 
 def rope_tables(config: Qwen3Config, length: int, dtype, device):
@@ -1129,6 +1129,11 @@ class DecodeLayer:
 class DecodeWeights:
     layers: list[DecodeLayer]
     head: torch.Tensor  # (hidden, vocab) in blocks
+
+    def matrices(self) -> list[torch.Tensor]:
+        """Every matrix in the order a step reads them (a tuple's one by one): for benchmarks."""
+        ms = [m for layer in self.layers for m in (layer.qkv, layer.o, layer.gate_up, layer.down)] + [self.head]
+        return [p for m in ms for p in (m if isinstance(m, tuple) else (m,))]
 
 
 def project(h: torch.Tensor, w, bias=None) -> torch.Tensor:

@@ -9,10 +9,11 @@ the products of one step in a step's order through qwen3.project, the function A
     python benchmarks/gemv_layouts.py --dtype float16
     python benchmarks/gemv_layouts.py --preset qwen3-0.6b --repeats 3    # 2.4 GB a pass, and as much again repacked
 
-Layouts: nn.Linear's (out, in) weights through F.linear (what the readable model does); views of
-them cut into k row blocks, one per thread (k = torch.get_num_threads()), through torch.bmm; a
-repacked copy, q/k/v and gate/up fused, as one contiguous (in, out) matrix; and that copy cut into k
-contiguous column blocks. A4 reads the last where it repacks (qwen3.repacks), the views elsewhere.
+Layouts: nn.Linear's (out, in) weights as F.linear reads them (h @ W^T, what the readable model
+does); views of them cut into k row blocks, one per thread (k = torch.get_num_threads()), through
+torch.bmm; a repacked copy, q/k/v and gate/up fused, as one contiguous (in, out) matrix; and that
+copy cut into k contiguous column blocks. A4 reads the last where it repacks (qwen3.repacks), the
+k views elsewhere, one block for float16 and on GPUs.
 """
 import argparse
 import json
@@ -23,7 +24,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from qwen3 import PRESETS, Qwen3, Qwen3Config, gather_decode_weights, project  # noqa: E402
@@ -40,12 +40,6 @@ def parse_args():
     return p.parse_args()
 
 
-def step_matrices(weights):
-    """The matrices of qwen3.DecodeWeights in the order a step reads them (tuples: one per weight)."""
-    ms = [m for layer in weights.layers for m in (layer.qkv, layer.o, layer.gate_up, layer.down)] + [weights.head]
-    return [p for m in ms for p in (m if isinstance(m, tuple) else (m,))]
-
-
 def main():
     args = parse_args()
     if args.rows < 1 or args.repeats < 1 or args.passes < 1:
@@ -53,32 +47,23 @@ def main():
     dtype, k = getattr(torch, args.dtype), torch.get_num_threads()
     torch.manual_seed(0)
     model = Qwen3(Qwen3Config.preset(args.preset)).to(dtype).eval()
-    names = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-             "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
-    linear = [layer.get_submodule(n).weight.detach() for layer in model.model.layers for n in names]
-    linear.append(model.lm_head.weight.detach())
     with torch.no_grad():
-        layouts = {
-            "F.linear, (out, in) weights": ("linear", linear),
-            f"views, {k} row blocks": ("project", step_matrices(gather_decode_weights(model, k, repack=False))),
-            "repacked, one (in, out) matrix": ("project", step_matrices(gather_decode_weights(model, 1, repack=True))),
-            f"repacked, {k} column blocks": ("project", step_matrices(gather_decode_weights(model, k, repack=True))),
+        layouts = {  # each layout's matrices, in the order a step reads them
+            "F.linear, (out, in) weights": gather_decode_weights(model, 1, repack=False).matrices(),  # one block: h @ W^T
+            f"views, {k} row blocks": gather_decode_weights(model, k, repack=False).matrices(),
+            "repacked, one (in, out) matrix": gather_decode_weights(model, 1, repack=True).matrices(),
+            f"repacked, {k} column blocks": gather_decode_weights(model, k, repack=True).matrices(),
         }
-    step_bytes = sum(w.numel() * w.element_size() for w in linear)
-
-    def one_pass(kind, mats, xs):
-        for _ in range(args.passes):
-            for m, x in zip(mats, xs):
-                F.linear(x, m) if kind == "linear" else project(x, m)
-
-    # every matrix takes its input along dim 1: (out, in) for F.linear, (k, in, out / k) blocks for project
-    inputs = {name: [torch.randn(args.rows, m.size(1), dtype=dtype) for m in mats] for name, (_, mats) in layouts.items()}
+    step_bytes = sum(m.numel() * m.element_size() for m in layouts["F.linear, (out, in) weights"])
+    inputs = {name: [torch.randn(args.rows, m.size(1), dtype=dtype) for m in mats] for name, mats in layouts.items()}
     times = {name: [] for name in layouts}
     with torch.no_grad():
         for rnd in range(args.repeats + 1):  # the first round warms up
-            for name, (kind, mats) in layouts.items():
+            for name, mats in layouts.items():
                 t0 = time.perf_counter()
-                one_pass(kind, mats, inputs[name])
+                for _ in range(args.passes):
+                    for m, x in zip(mats, inputs[name]):
+                        project(x, m)
                 if rnd:
                     times[name].append((time.perf_counter() - t0) / args.passes)
     base = statistics.median(times["F.linear, (out, in) weights"])
