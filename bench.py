@@ -298,7 +298,7 @@ def main():
         bound = B * n / t_gemv
         steps_ours, steps_theirs = B * (n - 1) / (t_ours - t_ours_1), B * (n - 1) / (t_theirs - t_theirs_1)
         res["results"][name].update(bound=bound, weight_bytes_per_step=per_step, gemv_gb_per_s=per_step * n / t_gemv / 1e9,
-                                    repack_seconds=repack_s if repacks(m_ours, B) else None,
+                                    repacked=repacks(m_ours, B), repack_seconds=repack_s if repacks(m_ours, B) else None,
                                     fraction_ours=B * n / t_ours / bound, fraction_transformers=B * n / t_theirs / bound,
                                     prefill_seconds_ours=t_ours_1, prefill_seconds_transformers=t_theirs_1,
                                     steps_ours=steps_ours, steps_transformers=steps_theirs,
@@ -311,7 +311,7 @@ def main():
               f"{1000 * t_theirs_1:,.0f} ms): ours {steps_ours:,.1f} tok/s, {r['steps_fraction_ours']:.2f} of the bound, "
               f"transformers {steps_theirs:,.1f}, {r['steps_fraction_transformers']:.2f}; {steps_ours / steps_theirs:.2f}x",
               flush=True)
-        if r["repack_seconds"] is not None:
+        if r["repacked"]:
             print(f"{'':<28} ours reads A4's repacked weights, made once for the model in {1000 * repack_s:.0f} ms",
                   flush=True)
 

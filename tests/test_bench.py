@@ -40,12 +40,14 @@ def test_bench_decode_rows_report_bound_and_steps_alone(tmp_path):
     cfg = Qwen3Config.preset("cpu", vocab_size=256)
     rows = res["results"]
     assert set(rows) == {"decode, batch 1, greedy", "decode, batch 8, padded prompts"}
+    reported = {"bound", "fraction_ours", "fraction_transformers", "steps_fraction_ours", "steps_fraction_transformers",
+                "prefill_seconds_ours", "prefill_seconds_transformers"}  # measured values: present, never judged here
     for r in rows.values():
         assert r["weight_bytes_per_step"] == step_bytes(cfg)
-        assert 0 < r["fraction_ours"] and 0 < r["steps_fraction_ours"] and r["prefill_seconds_ours"] > 0
-    assert rows["decode, batch 1, greedy"]["repack_seconds"] is not None  # one float32 row on a CPU: repacked
-    assert rows["decode, batch 8, padded prompts"]["repack_seconds"] is None
-    assert "without the prompt" in out
+        assert reported <= set(r)
+    assert rows["decode, batch 1, greedy"]["repacked"]  # one float32 row on a CPU: A4's copy
+    assert not rows["decode, batch 8, padded prompts"]["repacked"]
+    assert out.count("without the prompt") == 2 and out.count("repacked weights") == 1
 
 
 def test_bench_refuses_too_few_decode_tokens():
