@@ -11,7 +11,7 @@ Prints a table of ratios (ours / theirs; above 1 means we are faster, or use les
 memory row) and writes the raw numbers as JSON (--json). Every decode row also prints its
 bandwidth bound: the bytes of weights one decoding step reads, over the speed at which PyTorch
 streams those very matrices (the model's own weights, one vector or one row per sequence through
-each, in the order and layout of qwen3.py's A4 step: repacked where it repacks), measured in the
+each, in the order and layout of the engine's step: packed where it packs), measured in the
 same rounds as the two models; the fraction of that bound each side reaches; and both again for the
 decoding steps alone, the prompt's prefill (timed on its own in the same rounds) taken out.
 """
@@ -30,7 +30,8 @@ from datetime import date
 
 import torch
 
-from qwen3 import PRESETS, Muon, Qwen3, Qwen3Config, decode_weights, project, repacks
+from engine import Engine, FastMuon, FusedLoss, project, should_pack
+from qwen3 import PRESETS, Qwen3, Qwen3Config, generate, hf_config
 
 
 def parse_args():
@@ -68,7 +69,7 @@ def build(args):
     torch.manual_seed(args.seed)
     cfg = model_config(args)
     ours = Qwen3(cfg).to(args.device)
-    theirs = Qwen3ForCausalLM(cfg.to_hf()).to(args.device)  # transformers' default attention (sdpa)
+    theirs = Qwen3ForCausalLM(hf_config(cfg)).to(args.device)  # transformers' default attention (sdpa)
     theirs.load_state_dict(ours.state_dict())
     if args.compile:
         ours, theirs = torch.compile(ours), torch.compile(theirs)
@@ -105,7 +106,7 @@ def train_step_fn(model, opt, x, y, ours, args):
     def step():
         with autocast(args):
             # transformers shifts labels itself: labels=x is the same next-token task as targets=y
-            loss = model(x, y, return_logits=False)[1] if ours else model(input_ids=x, labels=x).loss
+            loss = FusedLoss(model)(x, y) if ours else model(input_ids=x, labels=x).loss
         loss.backward()
         for o in opt:
             o.step()
@@ -122,12 +123,15 @@ def forward_fn(model, x, ours, args):
 
 
 def decode_fn(model, prompt, n, ours, args, mask=None):
-    """Greedy decoding of n new tokens per row; mask (B, T): left padding, as in transformers."""
+    """Greedy decoding of n new tokens per row; mask (B, T): left padding, as in transformers. Ours
+    decodes as generate.py does: qwen3.generate with an engine.Engine made once for the model."""
+    engine = Engine(getattr(model, "_orig_mod", model)) if ours else None
+
     @torch.no_grad()
     def dec():
         with autocast(args):
             if ours:
-                model.generate(prompt, n, temperature=0, attention_mask=mask)
+                generate(engine.model, prompt, n, temperature=0, attention_mask=mask, decoder=engine)
             else:
                 model.generate(prompt, attention_mask=torch.ones_like(prompt) if mask is None else mask,
                                max_new_tokens=n, min_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0)
@@ -135,14 +139,14 @@ def decode_fn(model, prompt, n, ours, args, mask=None):
 
 
 def decode_matrices(model, rows):
-    """The matrices one decoding step of `rows` sequences reads, held as qwen3.py's A4 holds them
-    (column blocks, repacked or views), in the order it reads them: every layer's projections, then
+    """The matrices one decoding step of `rows` sequences reads, held as the engine holds them
+    (column blocks, packed or views), in the order it reads them: every layer's projections, then
     the output head (the embedding contributes one row per token, nothing to speak of)."""
-    return decode_weights(getattr(model, "_orig_mod", model), rows).matrices()  # the model itself, if compiled
+    return Engine(getattr(model, "_orig_mod", model)).weights_for(rows).matrices()  # the model itself, if compiled
 
 
 def gemv_fn(matrices, rows, n):
-    """n passes of `rows` vectors through `matrices`, each multiplied as A4 multiplies it: the
+    """n passes of `rows` vectors through `matrices`, each multiplied as the engine multiplies it: the
     matrix-vector work of n decoding steps and nothing else, so 1 / (its time / n) bounds the steps
     per second."""
     xs = [torch.randn(rows, m.size(1), dtype=m.dtype, device=m.device) for m in matrices]
@@ -200,7 +204,7 @@ def train_flops_per_token(cfg, T):
 def _peak_rss_child(args, ours, conn):
     from transformers import Qwen3ForCausalLM
     cfg = model_config(args)
-    model = Qwen3(cfg) if ours else Qwen3ForCausalLM(cfg.to_hf())  # only this model in this process
+    model = Qwen3(cfg) if ours else Qwen3ForCausalLM(hf_config(cfg))  # only this model in this process
     x = torch.randint(0, cfg.vocab_size, (args.batch_size, args.seq_len))
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     step = train_step_fn(model, adamw(model), x, torch.roll(x, -1, 1), ours, args)
@@ -269,7 +273,7 @@ def main():
         record("train MFU (AdamW)", "%", 100 * flops / t_ours / peak, 100 * flops / t_theirs / peak)
     if "muon" not in skip:  # each side's AdamW step again, in the same rounds: Muon's overhead is a ratio of neighbours
         t_ours_adamw, t_ours_muon, t_theirs_adamw, t_theirs_muon = timed(
-            [train_step_fn(ours, adamw(ours), x, y, True, args), train_step_fn(ours, muon_setup(ours, Muon), x, y, True, args),
+            [train_step_fn(ours, adamw(ours), x, y, True, args), train_step_fn(ours, muon_setup(ours, FastMuon), x, y, True, args),
              train_step_fn(theirs, adamw(theirs), x, y, False, args),
              train_step_fn(theirs, muon_setup(theirs, torch.optim.Muon), x, y, False, args)], args)
         record("train step (Muon)", "tok/s", B * T / t_ours_muon, B * T / t_theirs_muon)
@@ -285,9 +289,9 @@ def main():
         without the prompt: the prefill alone (one new token) is timed in those rounds too, and the
         other n - 1 tokens' rate is what the decoding steps reach by themselves."""
         n, B = args.decode_tokens, prompt.size(0)
-        m_ours.eval(), m_theirs.eval()  # as generate asks (ours decodes its new tokens on the Appendix's A4 path then)
+        m_ours.eval(), m_theirs.eval()  # as generate asks
         t0 = time.perf_counter()
-        weights = decode_matrices(m_ours, B)  # where A4 repacks, the copy is made here, once per model
+        weights = decode_matrices(m_ours, B)  # where the engine packs, the copy is made here
         repack_s = time.perf_counter() - t0
         t_ours, t_theirs, t_gemv, t_ours_1, t_theirs_1 = timed(
             [decode_fn(m_ours, prompt, n, True, args, mask), decode_fn(m_theirs, prompt, n, False, args, mask),
@@ -298,7 +302,7 @@ def main():
         bound = B * n / t_gemv
         steps_ours, steps_theirs = B * (n - 1) / (t_ours - t_ours_1), B * (n - 1) / (t_theirs - t_theirs_1)
         res["results"][name].update(bound=bound, weight_bytes_per_step=per_step, gemv_gb_per_s=per_step * n / t_gemv / 1e9,
-                                    repacked=repacks(m_ours, B), repack_seconds=repack_s if repacks(m_ours, B) else None,
+                                    repacked=should_pack(m_ours, B), repack_seconds=repack_s if should_pack(m_ours, B) else None,
                                     fraction_ours=B * n / t_ours / bound, fraction_transformers=B * n / t_theirs / bound,
                                     prefill_seconds_ours=t_ours_1, prefill_seconds_transformers=t_theirs_1,
                                     steps_ours=steps_ours, steps_transformers=steps_theirs,
@@ -312,7 +316,7 @@ def main():
               f"transformers {steps_theirs:,.1f}, {r['steps_fraction_transformers']:.2f}; {steps_ours / steps_theirs:.2f}x",
               flush=True)
         if r["repacked"]:
-            print(f"{'':<28} ours reads A4's repacked weights, made once for the model in {1000 * repack_s:.0f} ms",
+            print(f"{'':<28} ours reads the engine's packed weights, made once for the model in {1000 * repack_s:.0f} ms",
                   flush=True)
 
     if "decode" not in skip:

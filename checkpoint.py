@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from qwen3 import CheckpointError, Qwen3
+from qwen3 import CheckpointError, Qwen3, save_pretrained
 
 try:
     import fcntl  # POSIX file locks
@@ -106,7 +106,7 @@ def save_checkpoint(out: Path, name: str, model: Qwen3, tokenizer, state: dict |
     final, tmp, old = out / name, out / f".{name}.tmp", out / f".{name}.old"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        model.save_pretrained(tmp)
+        save_pretrained(model, tmp)
         tokenizer.save_pretrained(tmp)
         if state is not None:
             torch.save(state, tmp / "training_state.pt")

@@ -24,7 +24,8 @@ from tokenizers import decoders
 from transformers import AutoTokenizer
 
 from data import byte_level_alphabet
-from qwen3 import CheckpointError, Qwen3
+from engine import Engine
+from qwen3 import CheckpointError, from_pretrained, generate, stream
 
 
 class GenerateError(Exception):
@@ -158,7 +159,7 @@ def load(args):
     ckpt = find_checkpoint(args.ckpt)
     device = pick_device(args.device)
     dtype = pick_dtype(args.dtype, device)
-    model = Qwen3.from_pretrained(ckpt, dtype=dtype, device=device)  # first: it vets config.json
+    model = from_pretrained(ckpt, dtype=dtype, device=device)  # first: it vets config.json
     model.eval()
     tokenizer = load_tokenizer(ckpt)
     if len(tokenizer) > model.config.vocab_size:
@@ -303,8 +304,9 @@ def complete(model, tokenizer, ids, s, stop, generator, echo, out=None, probs=Fa
     new, first, interrupted = [], None, False
     t0 = time.perf_counter()
     try:
-        for step in model.stream(idx, s["max_new_tokens"], temperature=s["temperature"], top_k=s["top_k"],
-                                 top_p=s["top_p"], eos_token_id=stop, generator=generator, with_probs=probs):
+        for step in stream(model, idx, s["max_new_tokens"], temperature=s["temperature"], top_k=s["top_k"],
+                           top_p=s["top_p"], eos_token_id=stop, generator=generator, with_probs=probs,
+                           decoder=Engine(model)):
             token, dist = step if probs else (step, None)
             if first is None:
                 first = time.perf_counter() - t0
@@ -370,8 +372,9 @@ def one_batch(args, model, tokenizer, stop, s, prompts):
     device = next(model.parameters()).device
     idx = torch.tensor([[0] * (T - len(ids)) + ids for ids, _ in prepared], device=device)  # left padding
     mask = torch.tensor([[0] * (T - len(ids)) + [1] * len(ids) for ids, _ in prepared], device=device)
-    out = model.generate(idx, n, temperature=s["temperature"], top_k=s["top_k"], top_p=s["top_p"],
-                         eos_token_id=stop, generator=make_generator(device, s["seed"]), attention_mask=mask)
+    out = generate(model, idx, n, temperature=s["temperature"], top_k=s["top_k"], top_p=s["top_p"],
+                   eos_token_id=stop, generator=make_generator(device, s["seed"]), attention_mask=mask,
+                   decoder=Engine(model))
     for i, ((ids, _), row) in enumerate(zip(prepared, out[:, T:].tolist())):
         new = row[:next((j for j, t in enumerate(row) if t in stop), len(row))]  # up to the first stop
         if i:

@@ -50,7 +50,8 @@ from checkpoint import (load_training_state, lock_out_dir, read_training_info, r
                         save_checkpoint)
 from data import (Batches, DataError, TokenData, default_cache_dir, fixed_starts, prepare_data, token_bytes,
                   windows)
-from qwen3 import PRESETS, CheckpointError, Muon, Qwen3, Qwen3Config, configure_optimizers
+from engine import FastMuon, FusedLoss
+from qwen3 import PRESETS, CheckpointError, Muon, Qwen3, Qwen3Config, configure_optimizers, from_pretrained, generate, read_config
 
 # %% 1. Flags
 # Flags left at None take the value for the device: on a CPU a small model that learns something
@@ -321,10 +322,7 @@ def parse_args(argv=None):
         # A run saved by an older train.py continues as it started: without the momentum warmup
         # that came later, and with the model it holds where it left the shape to a preset.
         saved.setdefault("momentum_warmup_frac", 0.0)
-        try:
-            held = Qwen3Config.from_json(out / "last" / "config.json")
-        except (ValueError, TypeError) as e:
-            raise TrainError(f"{out / 'last' / 'config.json'} is unreadable ({e})") from None
+        held = read_config(out / "last" / "config.json")
         saved.update({k: getattr(held, k) for k in SHAPE_FLAGS if saved.get(k) is None})
         parser.set_defaults(**saved)
         args = parser.parse_args(argv)  # the checkpoint's flags, overridden by those given now
@@ -378,10 +376,7 @@ def check_out_dir(out: Path, config: Qwen3Config, resuming: bool, overwrite: boo
     existing = next((out / n for n in ("last", "best") if (out / n / "config.json").is_file()), None)
     if existing is None or (overwrite and not resuming):
         return
-    try:
-        theirs = Qwen3Config.from_json(existing / "config.json")
-    except (ValueError, TypeError) as e:
-        raise TrainError(f"{existing / 'config.json'} is unreadable ({e})") from None
+    theirs = read_config(existing / "config.json")
     diff = [f"{k} {getattr(theirs, k)} there, {getattr(config, k)} here" for k in SHAPE_FLAGS
             if getattr(theirs, k) != getattr(config, k)]
     if diff:
@@ -416,8 +411,7 @@ class Run:
     val_eval: np.ndarray
     eval_bytes: dict  # {"train": n, "val": n}: the UTF-8 bytes their scored targets stand for
     model: Qwen3
-    net: torch.nn.Module  # what runs forward passes: the model, compiled with --compile ...
-    train_net: torch.nn.Module  # ... and for training, under torchrun, wrapped in DDP
+    train_net: torch.nn.Module  # the training loss (engine.FusedLoss), compiled with --compile, in DDP under torchrun
     optimizers: list
     autocast: object
     batch: int  # this rank's share of a step: `accum` micro-batches of `batch` sequences
@@ -491,13 +485,15 @@ def setup(args, device: torch.device, info: dict | None, log=say) -> Run:
             torch.nn.init.zeros_(layer.self_attn.o_proj.weight)
             torch.nn.init.zeros_(layer.mlp.down_proj.weight)
     if info is not None:
-        model.load_state_dict(Qwen3.from_pretrained(last).state_dict())
+        model.load_state_dict(from_pretrained(last).state_dict())
     model.to(device)
     optimizers = configure_optimizers(model, args.optimizer, lr=args.lr, muon_lr=args.muon_lr,
-                                      weight_decay=args.weight_decay, betas=tuple(args.betas), eps=args.adam_eps)
+                                      weight_decay=args.weight_decay, betas=tuple(args.betas), eps=args.adam_eps,
+                                      muon=FastMuon)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    net = torch.compile(model) if args.compile else model
+    net = FusedLoss(model)  # the loss without the logits (engine.py)
+    net = torch.compile(net) if args.compile else net
     # Training passes go through DDP, which averages gradients across ranks in backward (and first
     # copies rank 0's weights to all); evaluation runs the model itself, no gradients to sync.
     train_net = DDP(net, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else net
@@ -507,7 +503,7 @@ def setup(args, device: torch.device, info: dict | None, log=say) -> Run:
         batch, accum = args.batch_size, args.grad_accum // world
     autocast = torch.autocast(device.type, torch.bfloat16) if args.dtype == "bfloat16" else nullcontext()
     return Run(args=args, device=device, rank=rank, world=world, data=data, batches=batches, train_eval=train_eval,
-               val_eval=val_eval, eval_bytes=eval_bytes, model=model, net=net, train_net=train_net, optimizers=optimizers,
+               val_eval=val_eval, eval_bytes=eval_bytes, model=model, train_net=train_net, optimizers=optimizers,
                autocast=autocast, batch=batch, accum=accum)
 
 
@@ -654,7 +650,7 @@ def sample(model, tokenizer, n: int, device, seed: int) -> str:
     training = model.training
     model.eval()
     idx = torch.tensor([[tokenizer.eos_token_id]], device=device)
-    out = model.generate(idx, n, temperature=0.8, top_k=50, eos_token_id=tokenizer.eos_token_id,
+    out = generate(model, idx, n, temperature=0.8, top_k=50, eos_token_id=tokenizer.eos_token_id,
                          generator=torch.Generator(device).manual_seed(seed))
     model.train(training)
     return tokenizer.decode(out[0, 1:], skip_special_tokens=True)
@@ -705,8 +701,8 @@ def evaluate_and_save(run: Run, state: RunState, write):
     args, step = run.args, state.step
     evaluating = step % args.eval_every == 0 or step == args.max_steps
     if evaluating:
-        train_loss, _ = evaluate(run.net, run.data.train, run.train_eval, args, run.device, run.autocast)
-        val_loss, val_acc = evaluate(run.net, run.data.val, run.val_eval, args, run.device, run.autocast)
+        train_loss, _ = evaluate(run.model, run.data.train, run.train_eval, args, run.device, run.autocast)
+        val_loss, val_acc = evaluate(run.model, run.data.val, run.val_eval, args, run.device, run.autocast)
         if run.rank == 0:
             lr = run.optimizers[0].param_groups[0]["base_lr"] * lr_multiplier(step, *run.schedule)
             record = dict(step=step, epoch=run.batches.epochs(step * args.batch_size * args.grad_accum),
@@ -823,7 +819,7 @@ def train_step(run: Run, state: RunState) -> float:
         x, y = (torch.from_numpy(a).to(run.device, non_blocking=True) for a in (x, y))
         with run.train_net.no_sync() if world > 1 and micro < run.accum - 1 else nullcontext():  # sync once
             with run.autocast:
-                _, loss = run.train_net(x, y, return_logits=False)  # no full logits (qwen3.py, A1)
+                loss = run.train_net(x, y)
             (loss / run.accum).backward()
         loss_sum += loss.detach()
     loss_value = all_ranks([(loss_sum / run.accum).item()], run.device)[0] / world  # the global batch's mean

@@ -7,7 +7,7 @@ What float16 decoding costs against float32, with the same weights: the largest 
 
 The validation text of --ckpt is the embedded corpus' held-out documents as train.py splits them by
 default (--val-frac 0.05, --split-seed 0), tokenized by the checkpoint's tokenizer. A float16 pass
-that overflows raises qwen3.Float16Overflow (generation falls back to float32); it is reported.
+that overflows (inf or NaN logits; the engine's generation falls back to float32) is reported.
 """
 import argparse
 import json
@@ -19,7 +19,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from qwen3 import PRESETS, Float16Overflow, Qwen3, Qwen3Config  # noqa: E402
+from engine import Engine  # noqa: E402
+from qwen3 import PRESETS, Qwen3, Qwen3Config, from_pretrained, generate  # noqa: E402
 
 
 def parse_args():
@@ -41,7 +42,7 @@ def trained(path):
     import data
     path = Path(path)
     path = next(d for d in (path, path / "best", path / "last") if (d / "config.json").is_file())
-    model = Qwen3.from_pretrained(path, dtype=torch.float32).eval()
+    model = from_pretrained(path, dtype=torch.float32)
     tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
     _, val = data.split_documents(data.embedded_documents("wiki+kjv"), 0.05, 0)
     ids = [i for doc in val[:200] for i in tok.encode(doc) + [tok.eos_token_id]]
@@ -71,10 +72,8 @@ def main():
     res = {"model": what, "windows": args.windows, "seq_len": args.seq_len}
     losses, worst, scale, overflowed = {"float32": [], "float16": []}, 0.0, 0.0, 0
     for xw, yw in zip(x.split(1), y.split(1)):  # one window at a time: bounded memory at 151936 vocab
-        l32 = model(xw)[0].float()
-        try:
-            l16 = half(xw)[0].float()
-        except Float16Overflow:
+        l32, l16 = model(xw)[0].float(), half(xw)[0].float()
+        if not torch.isfinite(l16).all():
             overflowed += 1
             continue
         losses["float32"].append(F.cross_entropy(l32.flatten(0, 1), yw.flatten()).item())
@@ -86,8 +85,8 @@ def main():
     res["max_logit_diff"], res["logit_scale"] = worst, scale
     first = []
     for p in x[:args.prompts, :16].split(1):
-        a = model.generate(p, args.new_tokens, temperature=0)[0, 16:]
-        b = half.generate(p, args.new_tokens, temperature=0)[0, 16:]
+        a = generate(model, p, args.new_tokens, temperature=0, decoder=Engine(model))[0, 16:]
+        b = generate(half, p, args.new_tokens, temperature=0, decoder=Engine(half))[0, 16:]
         if half.lm_head.weight.dtype != torch.float16:  # an overflow moved it to float32: start again
             half.half()
         diff = (a != b).nonzero()

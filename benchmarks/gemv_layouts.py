@@ -1,8 +1,8 @@
 """
-How fast the matrix-vector work of one decoding step streams in each layout qwen3.py's Appendix A4
+How fast the matrix-vector work of one decoding step streams in each layout the engine's step
 could read the weights in: the measurements behind its choices (CPU). The model's own matrices
 (random weights of the preset's shapes), every layout in the same interleaved rounds, each pass
-the products of one step in a step's order through qwen3.project, the function A4 multiplies with.
+the products of one step in a step's order through engine.project, the function the step multiplies with.
 
     python benchmarks/gemv_layouts.py                         # the seed config, one row, float32
     python benchmarks/gemv_layouts.py --rows 8                # eight rows (a batch)
@@ -12,8 +12,8 @@ the products of one step in a step's order through qwen3.project, the function A
 Layouts: nn.Linear's (out, in) weights as F.linear reads them (h @ W^T, what the readable model
 does); views of them cut into k row blocks, one per thread (k = torch.get_num_threads()), through
 torch.bmm; a repacked copy, q/k/v and gate/up fused, as one contiguous (in, out) matrix; and that
-copy cut into k contiguous column blocks. A4 reads the last where it repacks (qwen3.repacks), the
-k views elsewhere, one block for float16 and on GPUs.
+copy cut into k contiguous column blocks. The engine reads the last where it packs (engine.should_pack),
+the k views elsewhere, one block for float16 and on GPUs.
 """
 import argparse
 import json
@@ -26,7 +26,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from qwen3 import PRESETS, Qwen3, Qwen3Config, gather_decode_weights, project  # noqa: E402
+from engine import decode_weights, project  # noqa: E402
+from qwen3 import PRESETS, Qwen3, Qwen3Config  # noqa: E402
 
 
 def parse_args():
@@ -49,10 +50,10 @@ def main():
     model = Qwen3(Qwen3Config.preset(args.preset)).to(dtype).eval()
     with torch.no_grad():
         layouts = {  # each layout's matrices, in the order a step reads them
-            "F.linear, (out, in) weights": gather_decode_weights(model, 1, repack=False).matrices(),  # one block: h @ W^T
-            f"views, {k} row blocks": gather_decode_weights(model, k, repack=False).matrices(),
-            "repacked, one (in, out) matrix": gather_decode_weights(model, 1, repack=True).matrices(),
-            f"repacked, {k} column blocks": gather_decode_weights(model, k, repack=True).matrices(),
+            "F.linear, (out, in) weights": decode_weights(model, 1, pack=False).matrices(),  # one block: h @ W^T
+            f"views, {k} row blocks": decode_weights(model, k, pack=False).matrices(),
+            "repacked, one (in, out) matrix": [m.contiguous() for m in decode_weights(model, 1, pack=True).matrices()],
+            f"repacked, {k} column blocks": decode_weights(model, k, pack=True).matrices(),
         }
     step_bytes = sum(m.numel() * m.element_size() for m in layouts["F.linear, (out, in) weights"])
     inputs = {name: [torch.randn(args.rows, m.size(1), dtype=dtype) for m in mats] for name, mats in layouts.items()}

@@ -53,9 +53,9 @@ def randomize_(model, seed=0):
 def _model_pair(seed=0, **overrides):
     """(transformers Qwen3ForCausalLM, our Qwen3) in eval mode, fp32, with identical random weights."""
     import transformers
-    from qwen3 import Qwen3, Qwen3Config
+    from qwen3 import Qwen3, config_from_dict
     hf = randomize_(transformers.Qwen3ForCausalLM(_tiny_hf_config(**overrides)), seed).eval()
-    ours = Qwen3(Qwen3Config.from_hf(hf.config))
+    ours = Qwen3(config_from_dict(hf.config.to_dict()))
     ours.load_state_dict(hf.state_dict(), strict=True)
     return hf, ours.eval()
 

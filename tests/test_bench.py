@@ -45,9 +45,9 @@ def test_bench_decode_rows_report_bound_and_steps_alone(tmp_path):
     for r in rows.values():
         assert r["weight_bytes_per_step"] == step_bytes(cfg)
         assert reported <= set(r)
-    assert rows["decode, batch 1, greedy"]["repacked"]  # one float32 row on a CPU: A4's copy
+    assert rows["decode, batch 1, greedy"]["repacked"]  # one float32 row on a CPU: the engine's packed copy
     assert not rows["decode, batch 8, padded prompts"]["repacked"]
-    assert out.count("without the prompt") == 2 and out.count("repacked weights") == 1
+    assert out.count("without the prompt") == 2 and out.count("packed weights") == 1
 
 
 def test_bench_refuses_too_few_decode_tokens():

@@ -27,9 +27,10 @@ import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-import qwen3
+import engine
 import train
-from qwen3 import Qwen3
+from engine import FusedLoss
+from qwen3 import Qwen3, from_pretrained
 from test_train import TINY
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -68,25 +69,24 @@ RTOL, WEIGHTS_RTOL = 1e-5, 1e-4
 
 @contextlib.contextmanager
 def noting(fault=None):
-    """Wrap Qwen3.forward, clip_grad_norm_, DDP.no_sync, Newton-Schulz, configure_optimizers and
+    """Wrap FusedLoss.forward (the training loss), clip_grad_norm_, DDP.no_sync, Newton-Schulz, configure_optimizers and
     prepare_data to note what training does; inject `fault` (see JOBS) into this process's
     training forwards."""
     notes = dict(inputs=[], losses=[], norms=[], no_sync=0, newton_schulz=[], cache_before=[])
-    originals = (Qwen3.forward, torch.nn.utils.clip_grad_norm_, DDP.no_sync, qwen3.zeropower_via_newtonschulz,
+    originals = (FusedLoss.forward, torch.nn.utils.clip_grad_norm_, DDP.no_sync, engine.newton_schulz,
                  train.configure_optimizers, train.prepare_data)
     forward, clip, no_sync, newton_schulz, configure, prepare_data = originals
 
-    def forward_(self, idx, *args, **kwargs):
-        logits, loss = forward(self, idx, *args, **kwargs)
-        if self.training:
-            notes["inputs"].append(idx.tolist())
-            notes["losses"].append(loss.item())
-            if fault and (int(os.environ["RANK"]), len(notes["losses"]) - 1) == fault[:2]:
-                if fault[2] == "inf":
-                    loss = loss + math.inf  # this rank's loss only; the gradients stay finite
-                else:
-                    os.kill(os.getpid(), signal.SIGTERM)
-        return logits, loss
+    def forward_(self, idx, *args, **kwargs):  # the training loss
+        loss = forward(self, idx, *args, **kwargs)
+        notes["inputs"].append(idx.tolist())
+        notes["losses"].append(loss.item())
+        if fault and (int(os.environ["RANK"]), len(notes["losses"]) - 1) == fault[:2]:
+            if fault[2] == "inf":
+                loss = loss + math.inf  # this rank's loss only; the gradients stay finite
+            else:
+                os.kill(os.getpid(), signal.SIGTERM)
+        return loss
 
     def clip_(params, max_norm):
         norm = clip(params, max_norm)
@@ -109,13 +109,13 @@ def noting(fault=None):
         notes["cache_before"].append(sorted(p.name for p in Path(cache_dir).glob("*")))
         return prepare_data(*args, cache_dir=cache_dir, **kwargs)
 
-    (Qwen3.forward, torch.nn.utils.clip_grad_norm_, DDP.no_sync, qwen3.zeropower_via_newtonschulz,
+    (FusedLoss.forward, torch.nn.utils.clip_grad_norm_, DDP.no_sync, engine.newton_schulz,
      train.configure_optimizers, train.prepare_data) = (forward_, clip_, no_sync_, newton_schulz_, configure_,
                                                         prepare_data_)
     try:
         yield notes
     finally:
-        (Qwen3.forward, torch.nn.utils.clip_grad_norm_, DDP.no_sync, qwen3.zeropower_via_newtonschulz,
+        (FusedLoss.forward, torch.nn.utils.clip_grad_norm_, DDP.no_sync, engine.newton_schulz,
          train.configure_optimizers, train.prepare_data) = originals
 
 
@@ -152,7 +152,7 @@ def muon_steps():
     gradients; returns the matrices."""
     g = torch.Generator().manual_seed(0)
     params = [torch.nn.Parameter(torch.randn(s, generator=g)) for s in [(16, 32)] * 5 + [(32, 16)] * 3 + [(8, 8)]]
-    opt = qwen3.Muon(params, lr=0.02, weight_decay=0.1)
+    opt = engine.FastMuon(params, lr=0.02, weight_decay=0.1)
     for _ in range(2):
         for p in params:
             p.grad = torch.randn(p.shape, generator=g)
@@ -279,7 +279,7 @@ def test_two_processes_train_like_one(ddp, single, name):
         assert_close([r[key] for r in got], [r[key] for r in want], what=key)
     w0, w1 = (load_file(root / name / f"weights{r}.safetensors") for r in (0, 1))
     assert all(torch.equal(w0[k], w1[k]) for k in w0)  # the ranks hold identical weights
-    saved = Qwen3.from_pretrained(root / name / "out" / "last").state_dict()
+    saved = from_pretrained(root / name / "out" / "last").state_dict()
     assert all(torch.equal(w0[k], v) for k, v in saved.items())  # rank 0's are the ones saved
     assert_weights_close(w0, notes["weights"])
 
@@ -325,7 +325,7 @@ def test_two_process_checkpoint_resumes_in_one_process(ddp, single, tmp_path):
     got, want = train.read_metrics(out / "metrics.jsonl"), train.read_metrics(ref / "metrics.jsonl")
     assert [r["step"] for r in got] == [0, 3, 6]
     assert_close([r["val_loss"] for r in got], [r["val_loss"] for r in want], what="val_loss")
-    assert_weights_close(Qwen3.from_pretrained(out / "last").state_dict(), notes["weights"])
+    assert_weights_close(from_pretrained(out / "last").state_dict(), notes["weights"])
 
 
 # %% decisions taken together, and what only rank 0 does

@@ -1,8 +1,8 @@
 """Decoding: batches of prompts of different lengths (left padding and an attention mask, as in
-transformers), the preallocated KV cache of qwen3.py's Appendix A2, float16's overflow guard (A3),
-the one-token decoding step (A4),
-and generate / stream refusing bad input. Oracles: transformers' Qwen3ForCausalLM (forward and
-generate), our full forward pass without a cache, and each prompt generated on its own. fp32, CPU."""
+transformers); the engine's preallocated cache, its one-token steps (over the filled cache, and of
+fixed shape as CUDA graphs replay it) and float16's overflow guard, against the chapter; generate and
+stream refusing bad input. Oracles: transformers' Qwen3ForCausalLM (forward and generate), the
+chapter's full forward pass without a cache, and each prompt generated on its own. fp32, CPU."""
 import warnings
 
 import pytest
@@ -10,8 +10,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from qwen3 import (REPACKED, Float16Overflow, KVCache, Qwen3, Qwen3Config, StaticKVCache, decode_one, decode_weights,
-                   left_padding, repacks)
+from engine import Engine, Generation, StaticKVCache, decode_step, project, should_pack
+from qwen3 import KVCache, Qwen3, Qwen3Config, generate, left_padding, stream
 
 V = 101  # vocab of the tiny test models (conftest.TINY)
 PAD = 0  # the padding id we write; what stands in padded slots must not matter (see left_pad)
@@ -65,18 +65,20 @@ def test_padded_forward_matches_transformers_and_each_row_alone(name, model_pair
 
 
 @pytest.mark.parametrize("name", SHAPES)
-def test_padded_greedy_generate_matches_transformers_and_one_at_a_time(name, model_pair):
+@pytest.mark.parametrize("mode", [None, "filled", "fixed"])  # the chapter's loop, and the engine's two CPU steps
+def test_padded_greedy_generate_matches_transformers_and_one_at_a_time(name, mode, model_pair):
     hf, ours = model_pair(seed=1, **SHAPES[name])
     prompts = [rand_ids((n,), seed=20 + n).tolist() for n in (6, 2, 9, 1)]
     idx, mask = left_pad(prompts, seed=4)
     n = 20  # far past every window
-    got = ours.generate(idx, n, temperature=0, attention_mask=mask)
+    decoder = {} if mode is None else dict(decoder=Engine(ours, mode))
+    got = generate(ours, idx, n, temperature=0, attention_mask=mask, **decoder)
     want = hf.generate(idx, attention_mask=mask, do_sample=False, max_new_tokens=n, min_new_tokens=n,
                        eos_token_id=None, pad_token_id=PAD)
     assert got.shape == (4, idx.size(1) + n)
     assert torch.equal(got, want), f"ours {got.tolist()}\nhf   {want.tolist()}"
     for b, p in enumerate(prompts):
-        alone = ours.generate(torch.tensor([p]), n, temperature=0)
+        alone = generate(ours, torch.tensor([p]), n, temperature=0, **decoder)
         assert got[b, idx.size(1):].tolist() == alone[0, len(p):].tolist(), b
 
 
@@ -97,52 +99,68 @@ def test_finished_rows_are_padded_as_transformers_does(model_pair):
     # transformers fills a row that has emitted an EOS with pad_token_id, else with the first EOS id
     hf, ours = model_pair(seed=8)
     prompt, n = rand_ids((3, 4), seed=9), 10
-    free = ours.generate(prompt, n, temperature=0)[:, 4:]
+    free = generate(ours, prompt, n, temperature=0)[:, 4:]
     eos = [free[1, 2].item(), free[0, 1].item()]  # rows stop at different steps, on different EOS ids
     for pad in (7, None):
-        got = ours.generate(prompt, n, temperature=0, eos_token_id=eos, pad_token_id=pad)
+        got = generate(ours, prompt, n, temperature=0, eos_token_id=eos, pad_token_id=pad)
         want = hf.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False, max_new_tokens=n,
                            eos_token_id=eos, pad_token_id=pad)  # None: transformers falls back to eos[0]
         assert torch.equal(got, want), f"pad {pad}\nours {got.tolist()}\nhf   {want.tolist()}"
     ours.config.pad_token_id = 5  # without the argument, the config's pad id
-    got = ours.generate(prompt, n, temperature=0, eos_token_id=eos)
-    assert torch.equal(got, ours.generate(prompt, n, temperature=0, eos_token_id=eos, pad_token_id=5))
+    got = generate(ours, prompt, n, temperature=0, eos_token_id=eos)
+    assert torch.equal(got, generate(ours, prompt, n, temperature=0, eos_token_id=eos, pad_token_id=5))
     assert (got[:, 4:] == 5).any()
 
 
-# %% the preallocated cache, step by step, against the full forward pass
+# %% the engine's cache and steps, step by step, against the full forward pass
 
 def decode_and_compare(ours, idx, mask, cuts, assert_logits_close):
-    """Feed idx (B, T) in chunks through StaticKVCache, through KVCache, and through StaticKVCache
-    with every one-token chunk after the first call taking the Appendix's A4 path (decode_one): at
-    every step all three give the logits of one full forward pass; returns the static cache."""
+    """Feed idx (B, T) in chunks (the first with the mask) through the chapter's forward pass on a
+    StaticKVCache and on a KVCache, and through an engine Generation whose one-token chunks after the
+    first take the engine's step over the filled cache; then, from the first chunk on, one token at
+    a time through the fixed-shape step. At every step each gives the full pass's logits.
+    Returns the StaticKVCache and the engine's weights."""
     with torch.no_grad():
         full, _ = ours(idx, attention_mask=mask)
         real = torch.ones_like(idx, dtype=torch.bool) if mask is None else mask.bool()
-        static, plain, fast = (StaticKVCache(ours, idx.size(0), idx.size(1) + 2), KVCache(ours.config),
-                               StaticKVCache(ours, idx.size(0), idx.size(1) + 2))
-        fast_steps = 0
-        for a, b in zip([0, *cuts], [*cuts, idx.size(1)]):
-            m = mask if (a == 0 and mask is not None) else None  # the mask goes with the first call
-            m = m[:, :b] if m is not None else None
+        B, T = idx.shape
+        engine = Engine(ours, "filled")
+        w = engine.weights_for(B)
+        static, plain, filled = StaticKVCache(ours, B, T + 2), KVCache(ours.config), Generation(ours, B, T + 2)
+        steps = 0
+        for a, b in zip([0, *cuts], [*cuts, T]):
+            m = mask[:, :b] if (a == 0 and mask is not None) else None  # the mask goes with the first call
             keep = real[:, a:b]
-            for cache in (static, plain, fast):
-                if cache is fast and a > 0 and b - a == 1:
-                    logits = decode_one(ours, idx[:, a:b], cache)[:, None]
-                    fast_steps += 1
-                else:
-                    logits, _ = ours(idx[:, a:b], cache=cache, attention_mask=m)
+            for cache in (static, plain):
+                logits, _ = ours(idx[:, a:b], cache=cache, attention_mask=m)
                 assert_logits_close(logits[keep], full[:, a:b][keep])
                 assert cache.seen_tokens == b
-        assert fast_steps == sum(b - a == 1 for a, b in zip(cuts, [*cuts[1:], idx.size(1)]))
-        held = REPACKED.get(ours)  # one float32 row on a CPU: A4's repacked copy, kept for the model
-        assert (held is not None and fast.weights is held[-1]) == (fast_steps > 0 and idx.size(0) == 1)
-    return static
+            if a == 0:
+                logits = project(filled.prefill(ours, idx[:, :b], m), w.head)
+                assert_logits_close(logits[keep[:, -1]], full[:, b - 1][keep[:, -1]])
+            elif b - a == 1:
+                logits = decode_step(ours, w, idx[:, a:b], filled, fixed=False)
+                assert_logits_close(logits, full[:, a])
+                steps += 1
+            else:
+                logits, _ = ours(idx[:, a:b], cache=filled.cache)
+                assert_logits_close(logits[keep], full[:, a:b][keep])
+            assert filled.cache.seen_tokens == b
+        assert steps == sum(b - a == 1 for a, b in zip(cuts, [*cuts[1:], T]))
+        fixed = Generation(ours, B, T + 2)
+        first = cuts[0] if cuts else T
+        fixed.prefill(ours, idx[:, :first], None if mask is None else mask[:, :first])
+        for t in range(first, T):  # the fixed-shape step: the whole cache attended, its slot a tensor
+            fixed.token.copy_(idx[:, t:t + 1])
+            assert_logits_close(decode_step(ours, engine.weights_for(B), fixed.token, fixed, fixed=True), full[:, t])
+            assert fixed.slot.item() == t + 1
+        assert w.packed == (B == 1)  # one float32 row of a small model on a CPU: a packed copy, else views
+    return static, w
 
 
 @pytest.fixture(params=[1, 2, 3], ids=lambda n: f"{n}threads")
 def threads(request):
-    """A4 cuts each float32 CPU matrix into one column block per thread (3: not every width divides)."""
+    """The engine cuts each float32 CPU matrix into one column block per thread (3: not every width divides)."""
     before = torch.get_num_threads()
     torch.set_num_threads(request.param)
     yield request.param
@@ -159,9 +177,9 @@ def test_static_cache_matches_full_forward_every_step(name, padded, threads, mod
         cuts = list(range(12, 20))
     else:  # batch 1: a prefill of 4, then 16 steps of one token
         idx, mask, cuts = rand_ids((1, 20), seed=5), None, list(range(4, 20))
-    cache = decode_and_compare(ours, idx, mask, cuts, assert_logits_close)
+    cache, w = decode_and_compare(ours, idx, mask, cuts, assert_logits_close)
     assert cache.keys[0].shape[2] == idx.size(1) + 2  # allocated once, for the whole length
-    assert decode_weights(ours, idx.size(0)).layers[0].down.size(0) == (threads if 32 % threads == 0 else 1)
+    assert w.layers[0].down.size(0) == (threads if 32 % threads == 0 else 1)  # one column block per thread
 
 
 @st.composite
@@ -224,12 +242,11 @@ def test_float16_overflow_is_caught_and_generation_goes_on_in_float32(model_pair
     with torch.no_grad():
         logits32, _ = ours(prompt)
         assert torch.isfinite(logits32).all() and logits32.abs().max() < 1e5
-        with pytest.raises(Float16Overflow):  # the plain forward pass never returns inf or NaN
-            half(prompt)
-    want = ours.generate(prompt, 8, temperature=0)
+        assert not torch.isfinite(half(prompt)[0]).all()  # the chapter's float16 pass overflows
+    want = generate(ours, prompt, 8, temperature=0)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        got = half.generate(prompt, 8, temperature=0)
+        got = generate(half, prompt, 8, temperature=0, decoder=Engine(half))
     assert any("float16 overflowed" in str(w.message) for w in caught)
     assert torch.equal(got, want)  # recomputed in float32 from the start: float32's tokens
     assert half.lm_head.weight.dtype == torch.float32  # and it stays in float32 from then on
@@ -271,23 +288,23 @@ def test_generate_and_stream_refuse_bad_input_up_front(kwargs, match, model_pair
     args.update(kwargs)
     mask = args.pop("attention_mask", None)
     with pytest.raises(ValueError, match=match):
-        ours.generate(**args, attention_mask=mask)
+        generate(ours, **args, attention_mask=mask)
     if mask is None:
         with pytest.raises(ValueError, match=match):
-            ours.stream(**args)  # at the call, not at the first token
+            stream(ours, **args)  # at the call, not at the first token
     with pytest.raises(ValueError, match="one sequence"):
-        ours.stream(rand_ids((2, 3)), 4)
+        stream(ours, rand_ids((2, 3)), 4)
 
 
 def test_zero_new_tokens_returns_the_prompt(model_pair):
     _, ours = model_pair(seed=0)
     prompt = rand_ids((2, 3))
-    assert torch.equal(ours.generate(prompt, 0), prompt)
-    assert list(ours.stream(prompt[:1], 0)) == []
+    assert torch.equal(generate(ours, prompt, 0), prompt)
+    assert list(stream(ours, prompt[:1], 0)) == []
 
 
-def test_repacked_copy_only_where_it_was_measured_to_pay():
-    """A4 repacks for one float32 row on a CPU, while a step's matrices fit in 256 MB."""
+def test_packed_copy_only_where_it_was_measured_to_pay():
+    """The engine packs for one float32 row on a CPU, while a step's matrices fit in 256 MB."""
     def model(hidden, intermediate=64, **kw):  # 1 layer: q, k, v, o (hidden, hidden), gate, up, down, the head
         cfg = Qwen3Config(vocab_size=V, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=1,
                           num_attention_heads=1, num_key_value_heads=1, head_dim=hidden, **kw)
@@ -299,44 +316,46 @@ def test_repacked_copy_only_where_it_was_measured_to_pay():
         return 4 * sum(p.numel() for p in [*m.model.layers.parameters(), m.lm_head.weight] if p.dim() == 2)
 
     tiny = model(16)
-    assert repacks(tiny, 1) and not repacks(tiny, 8) and not repacks(tiny.half(), 1)
+    assert should_pack(tiny, 1) and not should_pack(tiny, 8) and not should_pack(tiny.half(), 1)
     at, over = model(4000, 225), model(4000, 226)  # 4 h^2 + (3 I + 101) h floats: 256 MB lies between
     assert matrix_bytes(at) <= 256 * 2**20 < matrix_bytes(over)
-    assert repacks(at, 1) and not repacks(over, 1)
+    assert should_pack(at, 1) and not should_pack(over, 1)
     tied = model(4000, 225, tie_word_embeddings=True)  # the head is the embedding's matrix, and still read every step
-    assert matrix_bytes(tied) == matrix_bytes(at) and repacks(tied, 1)
+    assert matrix_bytes(tied) == matrix_bytes(at) and should_pack(tied, 1)
 
 
-def test_repacked_copy_follows_every_change_of_the_weights(model_pair):
-    """The copy is kept across generations while the weights stay, and made again after an optimizer
-    step, a load_state_dict (in place or assigned) or a round trip through float16: the greedy tokens
-    are always those of transformers with the same weights."""
+def test_an_engine_holds_its_packed_copy_and_a_new_one_sees_new_weights(model_pair):
+    """An engine makes its packed copy once and keeps it across generations; after an optimizer
+    step, a load_state_dict (in place or assigned) or a round trip through float16, a new engine
+    reads the new weights: the greedy tokens are always those of transformers with the same weights."""
     hf, ours = model_pair(seed=3)
     prompt = rand_ids((1, 5), seed=1)
 
     def generate_and_compare():
-        got = ours.generate(prompt, 8, temperature=0)
+        engine = Engine(ours)
+        got = generate(ours, prompt, 8, temperature=0, decoder=engine)
         with torch.no_grad():
             hf.load_state_dict(ours.state_dict())
         want = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=8, min_new_tokens=8,
                            do_sample=False, eos_token_id=None, pad_token_id=0)
         assert torch.equal(got, want)
-        return REPACKED[ours][-1]
+        packed = engine.weights_for(1)
+        assert packed.packed
+        assert torch.equal(generate(ours, prompt, 8, temperature=0, decoder=engine), got)
+        assert engine.weights_for(1) is packed  # the same copy for the next generation
+        return packed
 
     first = generate_and_compare()
-    assert generate_and_compare() is first  # unchanged weights: the same copy
     opt = torch.optim.SGD(ours.parameters(), lr=0.5)
     ours.train()
     ours(prompt, rand_ids((1, 5), seed=2))[1].backward()
     opt.step()
     ours.eval()
     second = generate_and_compare()
-    assert second is not first
+    assert not torch.equal(second.layers[0].qkv, first.layers[0].qkv)  # the old copy is stale, the new is not
     ours.load_state_dict(model_pair(seed=4)[1].state_dict())
-    third = generate_and_compare()
-    assert third is not second
-    ours.half().float()  # new storage (perhaps at the old addresses), float16-rounded weights
-    fourth = generate_and_compare()
-    assert fourth is not third
+    generate_and_compare()
+    ours.half().float()  # new storage, float16-rounded weights
+    generate_and_compare()
     ours.load_state_dict(model_pair(seed=5)[1].state_dict(), assign=True)  # the parameters themselves replaced
-    assert generate_and_compare() is not fourth
+    generate_and_compare()

@@ -27,7 +27,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenize
 
 import generate
 import qwen3
-from qwen3 import Qwen3, Qwen3Config
+from qwen3 import Qwen3, from_pretrained, read_config, save_pretrained
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = str(ROOT / "generate.py")
@@ -234,7 +234,7 @@ def test_top_k_one_and_tiny_top_p_are_greedy(ckpt, hf, tok, capsys):
 def test_samples_stay_in_the_allowed_support(top_k, top_p, temperature, ckpt, hf, tok):
     """Every sampled token lies in the top-k / top-p set that a brute-force oracle computes from
     transformers' logits (temperature first, then top-k, then top-p, as transformers orders them)."""
-    model = Qwen3.from_pretrained(ckpt, dtype=torch.float32)
+    model = from_pretrained(ckpt, dtype=torch.float32)
     ids = tok.encode(PROMPT)
     s = dict(max_new_tokens=CONTEXT - len(ids), temperature=temperature, top_k=top_k, top_p=top_p)
     new, _, _, _ = generate.complete(model, tok, ids, s, [], torch.Generator().manual_seed(0), echo=False,
@@ -288,7 +288,7 @@ def test_run_dir_uses_best_then_last(ckpt, tok, tmp_path, capsys, monkeypatch):
     shutil.copytree(ckpt, tmp_path / "out" / "best")
     last = tmp_path / "out" / "last"
     torch.manual_seed(1)
-    Qwen3(dataclasses.replace(Qwen3Config.from_json(ckpt / "config.json"), initializer_range=0.5)).save_pretrained(last)
+    save_pretrained(Qwen3(dataclasses.replace(read_config(ckpt), initializer_range=0.5)), last)
     tok.save_pretrained(last)
     args = ["--prompt", PROMPT, "-n", 20, "--temperature", 0]
     from_best, _ = run_main(capsys, "--ckpt", tmp_path / "out" / "best", *args)

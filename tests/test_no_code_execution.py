@@ -45,20 +45,20 @@ MARKER = None
 
 def test_pickled_weights_beside_a_checkpoint_are_never_loaded(tmp_path):
     global MARKER
-    from qwen3 import Qwen3, Qwen3Config
+    from qwen3 import Qwen3, Qwen3Config, from_pretrained, save_pretrained
     MARKER = str(tmp_path / "exploded")
     model = Qwen3(Qwen3Config(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                               num_attention_heads=2, num_key_value_heads=1, head_dim=8))
-    model.save_pretrained(tmp_path / "ckpt")
+    save_pretrained(model, tmp_path / "ckpt")
     with open(tmp_path / "ckpt" / "pytorch_model.bin", "wb") as f:  # the legacy pickle format
         pickle.dump(Boom(), f)
-    loaded = Qwen3.from_pretrained(tmp_path / "ckpt")
+    loaded = from_pretrained(tmp_path / "ckpt")
     assert not Path(MARKER).exists()
     for a, b in zip(loaded.state_dict().values(), model.state_dict().values()):
         assert torch.equal(a, b)
     (tmp_path / "ckpt" / "model.safetensors").unlink()  # only the pickle is left: refused, not loaded
     with pytest.raises(ValueError, match="no model.safetensors"):
-        Qwen3.from_pretrained(tmp_path / "ckpt")
+        from_pretrained(tmp_path / "ckpt")
     assert not Path(MARKER).exists()
     with open(tmp_path / "ckpt" / "pytorch_model.bin", "rb") as f:  # control: the file really is an exploit
         pickle.load(f)

@@ -10,7 +10,7 @@ import torch
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from qwen3 import KVCache, apply_rope, attention_mask, rope_cos_sin, sample_next_token, top_k_filter, top_p_filter
+from qwen3 import KVCache, apply_rope, can_attend, rope_cos_sin, sample_next_token, top_k_filter, top_p_filter
 
 NEG_INF = float("-inf")
 PROPERTY = settings(derandomize=True, database=None, deadline=None, max_examples=60)
@@ -179,7 +179,7 @@ WINDOW = st.one_of(st.none(), st.integers(1, 15))
 @PROPERTY
 @given(q_pos=positions(), k_pos=positions(), window=WINDOW)
 def test_attention_mask_matches_brute_force(q_pos, k_pos, window):
-    got = attention_mask(torch.tensor(q_pos), torch.tensor(k_pos), window)
+    got = can_attend(torch.tensor(q_pos), torch.tensor(k_pos), window)
     assert got.dtype == torch.bool
     assert got.tolist() == brute_mask(q_pos, k_pos, window)
 
@@ -191,7 +191,7 @@ def test_mask_over_cached_keys_sees_what_a_full_pass_sees(start, T, window):
     # (all of them without a window): each query must see as many keys as in one full forward pass.
     held = start if window is None else min(start, window - 1)
     S = held + T
-    mask = attention_mask(torch.arange(start, start + T), torch.arange(start + T - S, start + T), window)
+    mask = can_attend(torch.arange(start, start + T), torch.arange(start + T - S, start + T), window)
     assert mask.sum(-1).tolist() == [q + 1 if window is None else min(q + 1, window) for q in range(start, start + T)]
 
 

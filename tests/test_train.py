@@ -25,7 +25,7 @@ import torch
 import checkpoint
 import data
 import train
-from qwen3 import Qwen3
+from qwen3 import Qwen3, from_pretrained
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ["--data", "embedded", "--max-docs", "300", "--vocab-size", "512", "--device", "cpu",
@@ -108,7 +108,7 @@ def test_checkpoints_load_in_transformers(ref, name, assert_logits_close):
     path = ref / name
     hf = AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager").eval()
     tok = AutoTokenizer.from_pretrained(path)
-    ours = Qwen3.from_pretrained(path).eval()
+    ours = from_pretrained(path).eval()
     ids = torch.tensor([tok("In the beginning God created the heaven and the earth.")["input_ids"]])
     assert tok.decode(ids[0]) == "In the beginning God created the heaven and the earth."
     with torch.no_grad():
@@ -190,7 +190,7 @@ def test_grad_accumulation_averages(cache, tmp_path):
               "--eval-every", "3"]
     assert run(cache, tmp_path / "a", *common, "--batch-size", "8") == 0
     assert run(cache, tmp_path / "b", *common, "--batch-size", "4", "--grad-accum", "2") == 0
-    a, b = Qwen3.from_pretrained(tmp_path / "a" / "last"), Qwen3.from_pretrained(tmp_path / "b" / "last")
+    a, b = from_pretrained(tmp_path / "a" / "last"), from_pretrained(tmp_path / "b" / "last")
     for (name, pa), pb in zip(a.state_dict().items(), b.state_dict().values()):
         torch.testing.assert_close(pa, pb, atol=1e-5, rtol=1e-4, msg=name)
 
@@ -209,7 +209,7 @@ def test_resume_is_exact(ref, cache, tmp_path):
     for w, g in zip(want, got):
         assert g["train_loss"] == pytest.approx(w["train_loss"], abs=1e-6)
         assert g["val_loss"] == pytest.approx(w["val_loss"], abs=1e-6)
-    a, b = Qwen3.from_pretrained(ref / "last"), Qwen3.from_pretrained(out / "last")
+    a, b = from_pretrained(ref / "last"), from_pretrained(out / "last")
     for (name, pa), pb in zip(a.state_dict().items(), b.state_dict().values()):
         torch.testing.assert_close(pa, pb, atol=1e-6, rtol=0, msg=name)
 

@@ -15,7 +15,7 @@ import torch
 
 import data
 import train
-from qwen3 import PRESETS, Qwen3
+from qwen3 import PRESETS, Qwen3, from_pretrained
 from test_train import TINY, main, metrics, run
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -183,7 +183,7 @@ def test_a_sample_at_every_evaluation(watched):
         at = next(i for i, line in enumerate(lines) if line.startswith(f"step {r['step']:>5} |"))
         assert lines[at + 1] == f"  sample: {r['sample']!r}"
     tok = data.load_tokenizer(str(watched["out"] / "last"))
-    model = Qwen3.from_pretrained(watched["out"] / "last")
+    model = from_pretrained(watched["out"] / "last")
     assert train.sample(model, tok, 8, torch.device("cpu"), seed=1337) == records[-1]["sample"]
     for mode in (True, False):  # and it leaves the model in the mode it found it in
         model.train(mode)
@@ -199,7 +199,7 @@ def test_samples_leave_training_alone(watched, cache, tmp_path):
     assert all("sample" not in r for r in metrics(out))
     for with_, without in zip(metrics(watched["out"]), metrics(out)):
         assert with_["train_loss"] == without["train_loss"] and with_["val_loss"] == without["val_loss"]
-    a, b = (Qwen3.from_pretrained(o / "last").state_dict() for o in (watched["out"], out))
+    a, b = (from_pretrained(o / "last").state_dict() for o in (watched["out"], out))
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -207,7 +207,7 @@ def test_samples_leave_training_alone(watched, cache, tmp_path):
 
 
 def same_checkpoint(a: Path, b: Path):
-    wa, wb = Qwen3.from_pretrained(a).state_dict(), Qwen3.from_pretrained(b).state_dict()
+    wa, wb = from_pretrained(a).state_dict(), from_pretrained(b).state_dict()
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
     sa, sb = (torch.load(p / "training_state.pt", weights_only=True) for p in (a, b))
     assert all(torch.equal(x, y) for x, y in zip(flat(sa), flat(sb), strict=True))

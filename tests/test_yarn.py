@@ -14,7 +14,8 @@ import transformers
 from transformers.models.qwen3.modeling_qwen3 import Qwen3RotaryEmbedding
 
 from conftest import randomize_
-from qwen3 import CheckpointError, KVCache, Qwen3, Qwen3Config, rope_cos_sin, yarn_parameters
+from qwen3 import (CheckpointError, KVCache, Qwen3, Qwen3Config, config_from_dict, config_to_dict, from_pretrained,
+                   generate, rope_cos_sin, save_pretrained, yarn_parameters)
 
 ROOT = Path(__file__).resolve().parent.parent
 V = 101  # conftest.TINY's vocabulary
@@ -93,7 +94,7 @@ def edited_checkpoint(tmp_path, spelling):
 def test_yarn_is_read_from_either_key(spelling, tmp_path, assert_logits_close):
     path = edited_checkpoint(tmp_path, spelling)
     hf = transformers.AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager").eval()
-    ours = Qwen3.from_pretrained(path)
+    ours = from_pretrained(path)
     want = hf.config.rope_parameters
     assert want["rope_type"] == "yarn"
     assert ours.config.rope_theta == want["rope_theta"] == {"rope_parameters": 500.0, "legacy_4x": 2000.0}.get(
@@ -107,17 +108,17 @@ def test_yarn_is_read_from_either_key(spelling, tmp_path, assert_logits_close):
 def test_yarn_survives_save_pretrained_both_ways(model_pair, assert_logits_close, tmp_path):
     hf, ours = model_pair(head_dim=32, rope_scaling=dict(VARIANTS["ramp_no_truncate"]))
     cfg = ours.config
-    assert Qwen3Config.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    assert config_from_dict(json.loads(json.dumps(config_to_dict(cfg)))) == cfg
     assert Qwen3Config(**vars(cfg)) == cfg  # completing a completed rope_scaling changes nothing
     ids = torch.randint(0, V, (2, 72), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         want = hf(ids).logits
-        ours.save_pretrained(tmp_path / "ours")  # ours -> transformers
+        save_pretrained(ours, tmp_path / "ours")  # ours -> transformers
         theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ours", attn_implementation="eager")
         assert theirs.config.rope_parameters["rope_type"] == "yarn"
         assert_logits_close(theirs.eval()(ids).logits, want)
         theirs.save_pretrained(tmp_path / "theirs")  # and back
-        back = Qwen3.from_pretrained(tmp_path / "theirs")
+        back = from_pretrained(tmp_path / "theirs")
         assert back.config == cfg
         assert_logits_close(back(ids)[0], want)
 
@@ -133,10 +134,10 @@ def test_yarn_survives_save_pretrained_both_ways(model_pair, assert_logits_close
     ("yarn", "rope_scaling / rope_parameters must be an object"),
 ])
 def test_other_rope_settings_are_refused(rope, message, tmp_path):
-    base = Qwen3Config(vocab_size=V, hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
-                       num_key_value_heads=2, head_dim=8).to_dict()
+    base = config_to_dict(Qwen3Config(vocab_size=V, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                                      num_attention_heads=4, num_key_value_heads=2, head_dim=8))
     with pytest.raises(ValueError) as e:
-        Qwen3Config.from_dict({**base, "rope_scaling": rope})
+        config_from_dict({**base, "rope_scaling": rope})
     assert message in str(e.value)
     if isinstance(rope, dict) and "rope_type" in rope:  # the dataclass checks it too
         with pytest.raises(ValueError, match=message.split("(")[0]):
@@ -145,13 +146,13 @@ def test_other_rope_settings_are_refused(rope, message, tmp_path):
 
 def test_generate_refuses_an_unknown_rope_type(tmp_path):
     path = tmp_path / "ckpt"
-    Qwen3(Qwen3Config(vocab_size=V, hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
-                      num_key_value_heads=2, head_dim=8)).save_pretrained(path)
+    save_pretrained(Qwen3(Qwen3Config(vocab_size=V, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                                      num_attention_heads=4, num_key_value_heads=2, head_dim=8)), path)
     cfg = json.loads((path / "config.json").read_text())
     cfg["rope_scaling"] = {"rope_type": "longrope", "short_factor": [1.0], "long_factor": [2.0]}
     (path / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(CheckpointError, match="config.json: RoPE type 'longrope' is not supported"):
-        Qwen3.from_pretrained(path)
+        from_pretrained(path)
     result = subprocess.run([sys.executable, str(ROOT / "generate.py"), "--ckpt", str(path), "--device", "cpu"],
                             capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert result.returncode != 0
@@ -162,12 +163,12 @@ def test_generate_refuses_an_unknown_rope_type(tmp_path):
 LOAD_PEAK = """
 import sys, torch
 sys.path.insert(0, sys.argv[1])
-from qwen3 import Qwen3
+from qwen3 import from_pretrained
 def status(field):  # kB; VmHWM is this process's peak resident size
     return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith(field + ":")) * 1024
 open("/proc/self/clear_refs", "w").write("5")  # the peak starts again from now
 before = status("VmRSS")
-model = Qwen3.from_pretrained(sys.argv[2], dtype=torch.float32)
+model = from_pretrained(sys.argv[2], dtype=torch.float32)
 assert model.lm_head.weight is model.model.embed_tokens.weight and model.lm_head.weight.dtype == torch.float32
 print(status("VmHWM") - before)
 """
@@ -185,7 +186,7 @@ def test_tied_bf16_checkpoint_converts_its_embedding_once(tmp_path):
     with torch.no_grad():
         for p in model.parameters():
             p.normal_()
-    model.save_pretrained(tmp_path, dtype=torch.bfloat16)
+    save_pretrained(model, tmp_path, dtype=torch.bfloat16)
     del model
     result = subprocess.run([sys.executable, "-c", LOAD_PEAK, str(ROOT), str(tmp_path)], capture_output=True,
                             text=True, timeout=120)

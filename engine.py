@@ -1,0 +1,490 @@
+"""
+The engine: what qwen3.py computes, computed faster. Read qwen3.py first; nothing here changes what
+the model computes, only how, and tests/ hold each path to the chapter's.
+
+    1. FusedLoss         the training loss without holding the logits (chunk by chunk where they
+                         would not fit), for train.py
+    2. StaticKVCache     generation's cache allocated once and written in place
+    3. Engine            generation: one new token in few, fused operations, from weights laid out
+                         for it; on CUDA a fixed-shape step replayed as a CUDA graph; float16's guard
+    4. FastMuon          Muon's Newton-Schulz on the small Gram matrix, reusing its buffers, and
+                         split across ranks under torch.distributed
+
+Each is switched on by one explicit call: `FusedLoss(model)` in train.py, `Engine(model)` given to
+qwen3.generate / qwen3.stream as their `decoder` in generate.py, `configure_optimizers(..., muon=FastMuon)`.
+Measurements behind the choices made here are in benchmarks/README.md.
+"""
+
+import warnings
+from dataclasses import dataclass
+
+import torch
+import torch.distributed
+import torch.nn as nn
+import torch.nn.functional as F
+
+from qwen3 import (NS_COEFFICIENTS, KVCache, Muon, Qwen3, can_attend, next_token_probs, next_tokens, rope_cos_sin,
+                   sample_next_token)
+
+# %% 1. The training loss without the logits
+# In training the logits are only a stepping stone to the loss, yet at B*T rows by vocab columns in
+# fp32 they are the step's largest tensor, and softmax, its backward and their gradients stream
+# through that many bytes again and again. Instead take the rows of h a chunk at a time: logits,
+# loss and at once the loss's gradient, dlogits = (softmax - onehot) / n_kept, folded into
+# grad_h = dlogits W and grad_W += dlogits^T h before the next chunk; backward only scales the two
+# saved gradients. The idea of Liger Kernel's fused linear cross-entropy (Hsu et al. 2024) and Cut
+# Cross-Entropy (Wijmans et al. 2024). Chunks pay where memory is short or slow to touch (a CPU);
+# a GPU runs the whole batch as one chunk while its logits fit a memory budget.
+
+
+class LinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h, weight, targets, chunk_size, with_grad):
+        # h (N, H), weight (vocab, H), targets (N,). The matmuls run in the dtype lm_head would use
+        # (the autocast one under autocast), the softmax in fp32.
+        device = h.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else h.dtype
+        need_h, need_w = with_grad and ctx.needs_input_grad[0], with_grad and ctx.needs_input_grad[1]
+        with torch.autocast(device, enabled=False):
+            w = weight.to(dtype)
+            kept = targets != -100
+            n_kept = kept.sum()
+            row_scale = kept / n_kept.clamp(min=1)  # dloss/dnll of each row: 1/n_kept, 0 if ignored
+            targets = torch.where(kept, targets, 0)  # any valid index for ignored rows: their scale is 0
+            grad_h = torch.empty_like(h) if need_h else None
+            grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_w else None  # fp32 sum over chunks
+            nll_sum = torch.zeros((), dtype=torch.float32, device=h.device)
+            # the chunks take turns in the same two buffers: on a CPU fresh memory costs a page
+            # fault per 4 KB when first written, more than the softmax itself
+            size = (min(chunk_size, h.size(0)), weight.size(0))
+            logits_buf = torch.empty(size, dtype=dtype, device=h.device)
+            probs_buf = torch.empty(size, dtype=torch.float32, device=h.device)
+            for start in range(0, h.size(0), chunk_size):
+                rows = slice(start, start + chunk_size)
+                hc, t, scale = h[rows], targets[rows, None], row_scale[rows, None]  # (n, H), (n, 1), (n, 1)
+                n = hc.size(0)
+                logits = torch.mm(hc.to(dtype), w.T, out=logits_buf[:n]).float()  # (n, vocab), fp32
+                probs = torch.softmax(logits, dim=-1, out=probs_buf[:n])
+                # -log p_t = logsumexp - logit_t, and logsumexp = max logit - log p_max: exact even
+                # where p_t underflows to 0, as p_max >= 1/vocab cannot (and cheaper than log_softmax)
+                nll = logits.amax(-1, keepdim=True) - probs.amax(-1, keepdim=True).log() - logits.gather(1, t)
+                nll_sum += torch.where(kept[rows, None], nll, 0.0).sum()
+                if not (need_h or need_w):
+                    continue
+                # dloss/dlogits = scale (probs - onehot); the scale goes on the narrow (n, H) factors
+                dlogits = probs.scatter_add_(1, t, torch.full_like(scale, -1.0)).to(dtype)
+                if need_h:
+                    grad_h[rows] = (dlogits @ w).float() * scale
+                if need_w and dtype == torch.float32:
+                    grad_w.addmm_(dlogits.mT, hc * scale)  # in place: no (vocab, H) temporary
+                elif need_w:
+                    grad_w += dlogits.mT @ (hc.float() * scale).to(dtype)
+        ctx.save_for_backward(grad_h, grad_w.to(weight.dtype) if need_w else None)
+        return nll_sum / n_kept  # nan if every target is ignored, as in torch
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_h, grad_w = ctx.saved_tensors
+        return (grad_h * grad_loss if grad_h is not None else None,
+                grad_w * grad_loss if grad_w is not None else None, None, None, None)
+
+
+def linear_cross_entropy(h, weight, targets, chunk_size: int = 256):
+    """F.cross_entropy(h @ weight.T, targets, ignore_index=-100) for h (N, H), weight (vocab, H),
+    targets (N,), holding chunk_size rows of logits at a time."""
+    return LinearCrossEntropy.apply(h, weight, targets, chunk_size, torch.is_grad_enabled())
+
+
+class FusedLoss(nn.Module):
+    """model(idx, targets)'s loss, computed from the hidden states without keeping the logits:
+    `loss = FusedLoss(model)(idx, targets)`. Wrap it, not the model, in torch.compile and DDP."""
+
+    def __init__(self, model: Qwen3, chunk_size: int | None = None):
+        super().__init__()
+        self.model, self.chunk_size = model, chunk_size
+
+    def forward(self, input_ids, targets):
+        h = self.model.model(input_ids)  # (B, T, hidden)
+        chunk = self.chunk_size or (256 if h.device.type == "cpu" else h.numel() // h.size(-1))
+        return linear_cross_entropy(h.flatten(0, 1), self.model.lm_head.weight, targets.flatten(), chunk)
+
+
+# %% 2. A preallocated KV cache
+# The chapter's cache grows by torch.cat: every new token copies the whole past of every layer.
+# This one allocates each layer's keys and values once, for the whole generation, and writes in
+# place; update returns a view of the filled part, the keys KVCache would return. Its storage never
+# moves: a CUDA graph can replay a step that reads and writes it. The buffers start at zero, since
+# a step of fixed shape attends over all of them, the unwritten part masked (0 x NaN would be NaN).
+
+
+class StaticKVCache(KVCache):
+    """KVCache's contract on storage for max_len tokens of batch_size rows.
+    keys[i] and values[i] are the whole buffers (B, n_kv, max_len, hd)."""
+
+    def __init__(self, model: Qwen3, batch_size: int, max_len: int):
+        super().__init__(model.config)
+        c, w = model.config, model.lm_head.weight
+        shape = (batch_size, c.num_key_value_heads, max_len, c.head_dim)
+        self.keys = [torch.zeros(shape, dtype=w.dtype, device=w.device) for _ in self.windows]
+        self.values = [torch.zeros(shape, dtype=w.dtype, device=w.device) for _ in self.windows]
+
+    def update(self, layer: int, k, v):
+        start, end = self.seen_tokens, self.seen_tokens + k.size(2)
+        if end > self.keys[layer].size(2):
+            raise ValueError(f"the cache holds {self.keys[layer].size(2)} tokens, not {end}")
+        self.keys[layer][:, :, start:end] = k
+        self.values[layer][:, :, start:end] = v
+        S = self.kept(layer, start) + k.size(2)  # as many keys as KVCache returns
+        return self.keys[layer][:, :, end - S:end], self.values[layer][:, :, end - S:end]
+
+
+# %% 3. Generation, one token at a time in few operations
+# A decoding step does little arithmetic per weight but many small operations: the chapter's
+# forward pass launches ~60 per layer (an RMSNorm alone is seven), and each costs dispatch time
+# whatever its size (on a CPU, a thread wake-up too; on a GPU, a kernel launch). For one new token
+# per row this step computes the same from fewer, fused ones: F.rms_norm; one product for q, k and v
+# and one for gate and up where their weights are fused; QK-norm and RoPE on all heads at once,
+# RoPE from cos/sin tables built once, rotate_half's sign folded into sin (rotate_half(x) sin =
+# roll(x) sin'); the residual stream updated in place.
+#
+# How the weights are read. One vector through a matrix is all memory traffic, and PyTorch's CPU
+# product of one vector with a whole matrix leaves bandwidth unused; cut into one column block per
+# thread and multiplied by torch.bmm, each thread streaming its own block, the same bytes go faster.
+# So on a CPU every float32 matrix is read as k = threads column blocks of its (in, out) transpose,
+# (k, in, out / k); of nn.Linear's (out, in) weight that is a view, free. Small models at batch 1
+# read a packed copy instead, contiguous blocks with q/k/v side by side as one matrix and gate/up as
+# another (two products fewer a layer), like the weight repacking of CPU inference engines; it costs
+# the matrices' memory again, so only where that is small. float16 on a CPU, and GPUs, read one
+# block: a plain product (on a GPU from fused copies: fewer kernels).
+#
+# On CUDA the step's hundreds of kernels are launched by the CPU one by one, and launching, not
+# computing, is what a step costs. So there the step has fixed shapes (it attends over the whole
+# cache with a mask; its position is a tensor on the device), which lets one CUDA graph record its
+# kernels once and replay them per token with no work on the CPU (gpt-fast's approach).
+# The prompt itself goes through the chapter's forward pass, filling the same cache.
+#
+# float16 halves the bytes a step reads, and x86 CPUs with F16C convert it fast. But Qwen3 was
+# trained in bfloat16, whose range float16 lacks (to 65504): an activation may overflow to inf and
+# a norm over it gives NaN. The engine checks every float16 step's hidden states; on an overflow it
+# converts the model to float32 (with a warning), recomputes the sequence so far and goes on, so
+# every token from then on is float32's.
+
+
+class Float16Overflow(FloatingPointError):
+    """A float16 forward pass produced inf or NaN (a value beyond float16's +-65504)."""
+
+
+def check_float16(x):
+    if x.dtype == torch.float16 and not torch.isfinite(x).all():
+        raise Float16Overflow("float16 overflowed (inf or NaN in the hidden states)")
+
+
+@dataclass(slots=True)
+class DecodeLayer:
+    """One block's weights as the step reads them. Each matrix is held as k column blocks of its
+    (in, out) transpose, (k, in, out / k), multiplied by project; qkv and gate_up are one fused
+    matrix, or a tuple of views of the module weights."""
+    input_norm: torch.Tensor  # (hidden,)
+    qkv: torch.Tensor | tuple  # (hidden, (n_head + 2 n_kv) hd) in blocks: q, k and v side by side
+    qkv_bias: torch.Tensor | None  # ((n_head + 2 n_kv) hd,), with attention_bias
+    qk_gain: torch.Tensor  # (n_head + n_kv, hd): q_norm's gain for every query head, k_norm's for every key head
+    o: torch.Tensor  # (n_head hd, hidden) in blocks
+    o_bias: torch.Tensor | None
+    post_norm: torch.Tensor  # (hidden,)
+    gate_up: torch.Tensor | tuple  # (hidden, 2 intermediate) in blocks: gate and up side by side
+    down: torch.Tensor  # (intermediate, hidden) in blocks
+    window: int | None
+
+
+@dataclass(slots=True)
+class DecodeWeights:
+    layers: list[DecodeLayer]
+    head: torch.Tensor  # (hidden, vocab) in blocks
+    packed: bool  # a copy of the model's matrices, not views of them
+
+    def matrices(self) -> list:
+        """Every matrix in the order a step reads them (a tuple's one by one): for benchmarks."""
+        ms = [m for layer in self.layers for m in (layer.qkv, layer.o, layer.gate_up, layer.down)] + [self.head]
+        return [p for m in ms for p in (m if isinstance(m, tuple) else (m,))]
+
+
+def project(h, w, bias=None):
+    """h (B, in) times the matrix held as column blocks w (k, in, out / k), or a tuple of such
+    matrices side by side (their outputs concatenated): (B, out)."""
+    if isinstance(w, tuple):
+        y = torch.cat([project(h, m) for m in w], dim=-1)
+    elif w.size(0) == 1:
+        y = h @ w[0]  # one block: a plain product (a batched product of one is slower in float16)
+    else:  # one product per block, (k, B, out / k), then the blocks side by side (a view when B = 1)
+        y = torch.bmm(h.expand(w.size(0), *h.shape), w).transpose(0, 1).reshape(h.size(0), -1)
+    return y if bias is None else y.add_(bias)
+
+
+def block_count(w) -> int:
+    """How many column blocks each matrix of a model with weights like w is read in: one per
+    thread for float32 on a CPU, else 1."""
+    return torch.get_num_threads() if w.device.type == "cpu" and w.dtype == torch.float32 else 1
+
+
+def should_pack(model: Qwen3, rows: int) -> bool:
+    """Whether decoding `rows` sequences reads a packed copy of the weights rather than views: on a
+    GPU always (fused matrices, fewer kernels); on a CPU for one float32 row while a step's matrices
+    fit in 256 MB (the copy doubles them; it streams slower than views at more rows)."""
+    w = model.lm_head.weight
+    if w.device.type == "cuda":
+        return True
+    matrices = [p for p in model.model.layers.parameters() if p.dim() == 2] + [w]  # what a step reads
+    small = sum(p.numel() * p.element_size() for p in matrices) <= 256 * 2**20
+    return rows == 1 and w.dtype == torch.float32 and w.device.type == "cpu" and small
+
+
+@torch.no_grad()
+def decode_weights(model: Qwen3, k: int, pack: bool) -> DecodeWeights:
+    """The model's weights as the step reads them, each matrix in k column blocks (fewer where k does
+    not divide its width): copies with q/k/v and gate/up fused if pack, else views."""
+    def blocks(w):  # nn.Linear's (out, in) weight as (k, in, out / k): a view, or a contiguous copy
+        n = k if w.size(0) % k == 0 else 1
+        v = w.view(n, w.size(0) // n, w.size(1)).transpose(1, 2)  # block b: rows b out / n onwards, transposed
+        return v.contiguous() if pack and n > 1 else v  # one block stays in nn.Linear's layout
+
+    def side_by_side(*ws):  # (out_i, in) weights as one matrix of all the outputs, or a tuple of them
+        return blocks(torch.cat(ws)) if pack else tuple(blocks(w) for w in ws)
+
+    layers = []
+    for layer in model.model.layers:
+        a, mlp = layer.self_attn, layer.mlp
+        qkv = (a.q_proj, a.k_proj, a.v_proj)
+        layers.append(DecodeLayer(
+            input_norm=layer.input_layernorm.weight, qkv=side_by_side(*(p.weight for p in qkv)),
+            qkv_bias=torch.cat([p.bias for p in qkv]) if a.q_proj.bias is not None else None,
+            qk_gain=torch.cat([a.q_norm.weight.expand(a.n_head, -1), a.k_norm.weight.expand(a.n_kv_head, -1)]),
+            o=blocks(a.o_proj.weight), o_bias=a.o_proj.bias, post_norm=layer.post_attention_layernorm.weight,
+            gate_up=side_by_side(mlp.gate_proj.weight, mlp.up_proj.weight), down=blocks(mlp.down_proj.weight),
+            window=a.window))
+    return DecodeWeights(layers, blocks(model.lm_head.weight), pack)
+
+
+def rope_tables(config, length: int, dtype, device):
+    """cos and sign-folded sin (length, head_dim) for positions 0..length-1: the chapter's values."""
+    cos, sin = rope_cos_sin(torch.arange(length, device=device), config.head_dim, config.rope_theta, dtype,
+                            config.rope_scaling)
+    half = config.head_dim // 2
+    return cos, torch.cat((-sin[:, :half], sin[:, half:]), dim=-1)  # the sign rotate_half puts on x2
+
+
+class Generation:
+    """One generation's state on the engine's side: the static cache, its RoPE tables, the prompt's
+    padding and, for the fixed-shape step, the position as a tensor on the device."""
+
+    def __init__(self, model: Qwen3, batch_size: int, max_len: int):
+        self.cache = StaticKVCache(model, batch_size, max_len)
+        w = model.lm_head.weight
+        self.rope = rope_tables(model.config, max_len, w.dtype, w.device)
+        self.pad = torch.zeros(batch_size, dtype=torch.long, device=w.device)  # (B,) filled at each prefill
+        self.slot = torch.zeros((), dtype=torch.long, device=w.device)  # the next token's cache slot
+        self.token = torch.zeros(batch_size, 1, dtype=torch.long, device=w.device)  # the step's input
+        self.graph = self.logits = None  # a CUDA graph of the step, and the tensor it writes
+
+    def prefill(self, model: Qwen3, idx, attention_mask=None):
+        """The prompt (B, T) through the chapter's forward pass into the (emptied) cache: the last
+        position's hidden states (B, hidden)."""
+        self.cache.seen_tokens, self.cache.pad = 0, None
+        h = model.model(idx, self.cache, attention_mask)[:, -1]
+        self.pad.copy_(self.cache.pad if self.cache.pad is not None else torch.zeros_like(self.pad))
+        self.slot.fill_(self.cache.seen_tokens)
+        return h
+
+
+@torch.no_grad()
+def decode_step(model: Qwen3, w: DecodeWeights, token, gen: Generation, fixed: bool):
+    """The chapter's model(token, cache)[0][:, -1] for one new token per row, token (B, 1), on a
+    filled cache: (B, vocab). fixed: attend over the whole cache, the slot a device tensor (for CUDA
+    graphs); else over its filled part, as the chapter does."""
+    c, m, cache = model.config, model.model, gen.cache
+    B, H, hd, eps = token.size(0), c.hidden_size, c.head_dim, c.rms_norm_eps
+    nh, nkv = c.num_attention_heads, c.num_key_value_heads
+    slot = gen.slot if fixed else torch.tensor(cache.seen_tokens, device=token.device)  # () cache slot
+    position = slot - gen.pad  # (B,): each row counts its own tokens (the chapter's section 6)
+    cos, sin = (t[position].view(B, 1, hd) for t in gen.rope)  # (B, 1, hd), broadcast over heads
+    padded = fixed or cache.pad is not None
+    keys_at = torch.arange(cache.keys[0].size(2), device=token.device)  # every slot of the cache
+    masks = {}  # per window: which slots each row's new query sees, (B, 1, 1, S)
+    x = m.embed_tokens(token[:, 0])  # (B, hidden)
+    for i, lw in enumerate(w.layers):
+        h = F.rms_norm(x, (H,), lw.input_norm, eps)
+        qkv = project(h, lw.qkv, lw.qkv_bias)  # (B, (nh + 2 nkv) hd)
+        qk = F.rms_norm(qkv[:, :(nh + nkv) * hd].view(B, nh + nkv, hd), (hd,), None, eps) * lw.qk_gain  # QK-norm
+        qk = torch.addcmul(qk * cos, qk.roll(hd // 2, -1), sin)  # apply_rope, every query and key head at once
+        q, k, v = qk[:, :nh, None], qk[:, nh:, None], qkv[:, (nh + nkv) * hd:].view(B, nkv, 1, hd)
+        if fixed:  # written at the slot on the device; attend over all slots, the others masked
+            cache.keys[i].index_copy_(2, slot.view(1), k)
+            cache.values[i].index_copy_(2, slot.view(1), v)
+            k, v, key_slots = cache.keys[i], cache.values[i], keys_at
+        else:
+            k, v = cache.update(i, k, v)  # (B, nkv, S, hd): the filled part
+            key_slots = keys_at[cache.seen_tokens + 1 - k.size(2):cache.seen_tokens + 1]
+        mask = None  # all S keys visible: no mask, unless rows are padded or the shape is fixed
+        if padded:
+            if (lw.window, k.size(2)) not in masks:
+                masks[lw.window, k.size(2)] = can_attend(position[:, None], key_slots - gen.pad[:, None],
+                                                         lw.window)[:, None]  # (B, 1, 1, S)
+            mask = masks[lw.window, k.size(2)]
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=nkv != nh)  # (B, nh, 1, hd)
+        x += project(y.view(B, nh * hd), lw.o, lw.o_bias)  # (B, nh, 1, hd) is (B, nh hd) in memory
+        h = F.rms_norm(x, (H,), lw.post_norm, eps)
+        gate, up = project(h, lw.gate_up).chunk(2, dim=-1)
+        x += project(F.silu(gate).mul_(up), lw.down)
+    if fixed:
+        gen.slot += 1
+    else:
+        cache.seen_tokens += 1
+    return project(F.rms_norm(x, (H,), m.norm.weight, eps), w.head)  # (B, vocab)
+
+
+class Engine:
+    """Generation for one model, faster: give it as the decoder to qwen3.generate or qwen3.stream,
+    `generate(model, idx, n, decoder=Engine(model))`, for the chapter's tokens. It reads the weights
+    when it first needs them (a packed copy, or views): after changing them, make a new engine.
+    mode: "auto" (a CUDA graph on CUDA, else "filled"), "filled" (the step over the cache's filled
+    part), "fixed" (the graph's fixed-shape step, run eagerly) or "graph"."""
+
+    def __init__(self, model: Qwen3, mode: str = "auto"):
+        if mode == "auto":
+            mode = "graph" if model.lm_head.weight.device.type == "cuda" else "filled"
+        if mode not in ("filled", "fixed", "graph"):
+            raise ValueError(f"unknown engine mode {mode!r}; choose auto, filled, fixed or graph")
+        self.model, self.mode = model, mode
+        self.weights = {}  # packed or not -> DecodeWeights, made at first use
+        self.last = None  # graph mode: the last generation, whose graph a generation of its shape replays
+
+    def weights_for(self, rows: int) -> DecodeWeights:
+        pack = should_pack(self.model, rows)
+        if pack not in self.weights:
+            self.weights[pack] = decode_weights(self.model, block_count(self.model.lm_head.weight), pack)
+        return self.weights[pack]
+
+    @torch.no_grad()
+    def __call__(self, model: Qwen3, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, generator=None,
+                 attention_mask=None, with_probs=False):
+        """qwen3.next_tokens' contract: yields next tokens (B,) and, with_probs, their distributions."""
+        if model is not self.model:
+            raise ValueError("this engine was made for another model")
+        if model.training:  # dropout: only the chapter's forward pass has it
+            yield from next_tokens(model, idx, max_new_tokens, temperature, top_k, top_p, generator,
+                                   attention_mask, with_probs)
+            return
+        fed, length = [idx], idx.size(1) + max_new_tokens
+        for i in range(max_new_tokens):
+            try:
+                gen, logits = self.prefill(idx, attention_mask, length) if i == 0 else (gen, self.step(gen, x))
+                check_float16(logits)
+            except Float16Overflow as e:  # redo everything so far in float32, and go on so
+                warnings.warn(f"{e}; the model now runs in float32", RuntimeWarning, stacklevel=3)
+                model.float()
+                self.weights.clear()
+                self.last = None
+                seq = torch.cat(fed, dim=1)
+                mask = None if attention_mask is None else F.pad(attention_mask, (0, seq.size(1) - idx.size(1)), value=1)
+                gen, logits = self.prefill(seq, mask, length)
+            probs = next_token_probs(logits, temperature, top_k, top_p) if with_probs else None
+            x = sample_next_token(logits, temperature, top_k, top_p, generator, probs)[:, None]  # (B, 1)
+            fed.append(x)
+            yield x[:, 0], probs
+
+    def prefill(self, idx, attention_mask, length):
+        """The prompt (B, T) through the chapter's forward pass into a fresh cache: (the generation,
+        the last position's logits (B, vocab))."""
+        B = idx.size(0)
+        if self.mode == "graph":  # cache and graph sized in steps of 256, to be replayed by the next of that size
+            length = -(-length // 256) * 256
+            if self.last is None or self.last.cache.keys[0].shape[::2] != (B, length):
+                self.last = Generation(self.model, B, length)
+            gen = self.last
+        else:
+            gen = Generation(self.model, B, length)
+        return gen, project(gen.prefill(self.model, idx, attention_mask), self.weights_for(B).head)
+
+    def step(self, gen: Generation, x):
+        """The logits (B, vocab) after one new token per row, x (B, 1)."""
+        w = self.weights_for(x.size(0))
+        if self.mode == "filled":
+            return decode_step(self.model, w, x, gen, fixed=False)
+        gen.token.copy_(x)
+        if self.mode == "fixed":
+            return decode_step(self.model, w, gen.token, gen, fixed=True)
+        if gen.graph is None:  # its first step runs eagerly on a side stream (as CUDA asks), then is recorded
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                logits = decode_step(self.model, w, gen.token, gen, fixed=True)
+            torch.cuda.current_stream().wait_stream(side)
+            gen.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(gen.graph):  # recorded, not run: the slot stays where the eager step left it
+                gen.logits = decode_step(self.model, w, gen.token, gen, fixed=True)
+            return logits
+        gen.graph.replay()
+        return gen.logits  # overwritten by the next replay: sampled before it
+
+
+# %% 4. Muon, faster
+# Newton-Schulz on the Gram matrix. Each step of the chapter's iteration multiplies the whole
+# (rows, cols) matrix twice: A = X X^T and h(A) X, with h(A) = a I + b A + c A^2. But every iterate
+# is a polynomial in A_0 = X_0 X_0^T times X_0: X_k = Q_k X_0, and the Gram matrices follow without
+# X at all, A_{k+1} = h(A_k) A_k h(A_k). So iterate on (rows, rows) matrices, Q_{k+1} = h(A_k) Q_k,
+# and touch X twice in all. Per matrix, in units of rows^3 multiply-adds, five steps cost
+# 10 (cols/rows) + 5 the chapter's way and 2 (cols/rows) + 17 this way: equal at cols = 1.5 rows,
+# so it is taken from 2 on. The same X up to rounding in fp32 (tests hold both to an fp64 run). In
+# half precision the Gram form drifts (spurious negative eigenvalues) unless restarted, as the
+# authors of "Gram Newton-Schulz" found (Amsel, Chen, Dao et al. 2026), so bf16 keeps the loop,
+# its steps taking turns in the same few buffers (fresh memory costs a page fault per 4 KB on a CPU).
+# Under torch.distributed every rank holds the same all-reduced gradients, so each orthogonalises
+# only its share of a stack of same-shape matrices, and the shares are all-gathered: the cost is
+# split across ranks, not repeated on each.
+
+
+def gram_newton_schulz(X, steps: int, coefficients):
+    """The chapter's Newton-Schulz iterate for X (n, rows, cols), normalised and wide: Q X."""
+    a, b, c = coefficients
+    A, Q = X @ X.mT, None  # (n, rows, rows)
+    for i in range(steps):
+        h = torch.baddbmm(A, A, A, beta=b, alpha=c)  # b A + c A^2
+        h.diagonal(dim1=-2, dim2=-1).add_(a)  # + a I: h(A), this step's polynomial
+        Q = h if Q is None else h @ Q  # X_{i+1} = h(A_i) X_i = (h(A_i) Q_i) X_0
+        if i < steps - 1:
+            A = h @ (A @ h)  # X_{i+1} X_{i+1}^T = h A_i h
+    return Q @ X
+
+
+def newton_schulz(G, steps: int = 5, dtype=torch.bfloat16, eps: float = 1e-7):
+    """qwen3.zeropower_via_newtonschulz, with fewer FLOPs and allocations."""
+    a, b, c = NS_COEFFICIENTS
+    X = G.to(dtype).reshape(-1, *G.shape[-2:])  # (n, rows, cols)
+    tall = G.size(-2) > G.size(-1)
+    if tall:
+        X = X.mT
+    X = X / X.norm(dim=(-2, -1), keepdim=True).clamp(min=eps)
+    if dtype == torch.float32 and X.size(-1) >= 2 * X.size(-2):
+        X = gram_newton_schulz(X, steps, NS_COEFFICIENTS)
+    else:
+        A = X.new_empty(X.size(0), X.size(1), X.size(1))  # (n, rows, rows)
+        B, out = torch.empty_like(A), [X.new_empty(X.shape), X.new_empty(X.shape)]
+        for i in range(steps):
+            torch.bmm(X, X.mT, out=A)  # A = X X^T
+            torch.baddbmm(A, A, A, beta=b, alpha=c, out=B)  # b A + c A^2, one fused op
+            X = torch.baddbmm(X, B, X, beta=a, out=out[i % 2])  # a X + B X
+    return (X.mT if tall else X).reshape(G.shape)
+
+
+class FastMuon(Muon):
+    """qwen3.Muon, orthogonalising with newton_schulz, split across ranks under torch.distributed."""
+
+    def orthogonalize(self, updates, steps: int, dtype):
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            return newton_schulz(updates, steps, dtype)
+        world, rank, n = torch.distributed.get_world_size(), torch.distributed.get_rank(), updates.size(0)
+        per_rank = -(-n // world)
+        padded = F.pad(updates, (0, 0, 0, 0, 0, per_rank * world - n))  # (world * per_rank, rows, cols)
+        mine = newton_schulz(padded[rank * per_rank:(rank + 1) * per_rank], steps, dtype)
+        gathered = [torch.empty_like(mine) for _ in range(world)]
+        torch.distributed.all_gather(gathered, mine.contiguous())
+        return torch.cat(gathered)[:n]
