@@ -1,0 +1,102 @@
+"""
+The small helpers the scripts share, each written once: the error line, the device, the tokenizer,
+a file's hash, and publishing a finished folder atomically.
+"""
+
+import hashlib
+import os
+import shutil
+import sys
+from pathlib import Path
+
+
+class UserError(Exception):
+    """A problem the user can fix (a bad flag, a missing file): reported as one line, never a traceback."""
+
+
+def one_line(e: BaseException, limit: int = 300) -> str:
+    """An exception's message on one line (its type if it has none), at most `limit` characters."""
+    return " ".join(str(e).split())[:limit] or type(e).__name__
+
+
+def error(message) -> int:
+    """Print `error: message` on one line to stderr; returns 1, the exit status of a failed command."""
+    print(f"error: {one_line(message) if isinstance(message, BaseException) else message}", file=sys.stderr)
+    return 1
+
+
+def pick_device(name: str = "auto"):
+    """--device: auto (cuda, then mps, then cpu), cpu, cuda or mps, as a torch.device."""
+    import torch
+    available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
+    if name == "auto":
+        name = next(d for d in ("cuda", "mps", "cpu") if available[d])
+    if name not in available:
+        raise UserError(f"unknown --device {name!r}; choose auto, cpu, cuda or mps")
+    if not available[name]:
+        raise UserError(f"--device {name}: no {name} device is available here")
+    return torch.device(name)
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
+                   "spiece.model")  # any one of them makes a folder a tokenizer to transformers
+
+
+def load_tokenizer(name_or_path: str, local_only: bool = False):
+    """A transformers tokenizer from a folder (or, unless local_only, a hub name); never remote code."""
+    from transformers import AutoTokenizer
+    path = Path(name_or_path).expanduser()
+    if (path.is_dir() or local_only) and not any((path / f).is_file() for f in TOKENIZER_FILES):
+        # without a vocabulary file transformers would quietly build an empty tokenizer
+        raise UserError(f"no tokenizer in {path} (none of {', '.join(TOKENIZER_FILES)})")
+    try:
+        return AutoTokenizer.from_pretrained(str(name_or_path), local_files_only=local_only, trust_remote_code=False)
+    except Exception as e:  # OSError offline or missing, ValueError for broken files, and more
+        raise UserError(f"cannot load the tokenizer {name_or_path}: {one_line(e)}") from None
+
+
+def sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def fsync_dir(path: Path):
+    if os.name == "posix":  # a rename is durable only once its folder is flushed
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def publish(tmp: Path, final: Path, replace: bool = False):
+    """Put the finished folder tmp at final, flushed to disk first and moved by renames only, so
+    that final is only ever absent, the old folder or the new one, whole. replace: an existing final
+    is set aside as .NAME.old, then deleted once the new one is in (after a crash between the two
+    renames, the newest whole folder is .NAME.tmp if .NAME.old exists); else an existing final,
+    published first by another process, is kept and tmp deleted."""
+    for f in tmp.iterdir():
+        if f.is_file():
+            with open(f, "ab") as fh:  # "ab": a writable handle that changes nothing
+                os.fsync(fh.fileno())
+    fsync_dir(tmp)
+    if not replace:
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            if not final.exists():
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
+        fsync_dir(final.parent)
+        return
+    old = final.parent / f".{final.name}.old"
+    if final.exists():
+        os.rename(final, old)
+    try:
+        os.rename(tmp, final)
+    except OSError:
+        if old.exists() and not final.exists():
+            os.rename(old, final)
+        raise
+    fsync_dir(final.parent)
+    shutil.rmtree(old, ignore_errors=True)
