@@ -48,14 +48,15 @@ def load_tokenizer(name_or_path: str, local_only: bool = False):
     path = Path(name_or_path).expanduser()
     if (path.is_dir() or local_only) and not any((path / f).is_file() for f in TOKENIZER_FILES):
         # without a vocabulary file transformers would quietly build an empty tokenizer
-        raise UserError(f"no tokenizer in {path} (none of {', '.join(TOKENIZER_FILES)})")
+        raise UserError(f"no tokenizer files in {path} (looked for {', '.join(TOKENIZER_FILES)})")
     try:
         return AutoTokenizer.from_pretrained(str(name_or_path), local_files_only=local_only, trust_remote_code=False)
     except Exception as e:  # OSError offline or missing, ValueError for broken files, and more
-        raise UserError(f"cannot load the tokenizer {name_or_path}: {one_line(e)}") from None
+        raise UserError(f"cannot load tokenizer '{name_or_path}': {one_line(e)}") from None
 
 
 def sha256(path: Path) -> str:
+    """The file's SHA-256, as hex."""
     with open(path, "rb") as f:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
