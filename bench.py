@@ -19,6 +19,7 @@ decoding steps alone, the prompt's prefill (timed on its own in the same rounds)
 import argparse
 import copy
 import json
+import math
 import multiprocessing
 import os
 import platform
@@ -71,9 +72,14 @@ def build(args):
     ours = Qwen3(cfg).to(args.device)
     theirs = Qwen3ForCausalLM(hf_config(cfg)).to(args.device)  # transformers' default attention (sdpa)
     theirs.load_state_dict(ours.state_dict())
-    if args.compile:
-        ours, theirs = torch.compile(ours), torch.compile(theirs)
     return cfg, ours, theirs
+
+
+def losses(ours, theirs, args):
+    """The training loss of each, as train.py computes ours (engine.FusedLoss), compiled with --compile."""
+    # transformers shifts labels itself: labels=x is the same next-token task as targets=y
+    fns = [FusedLoss(ours), lambda x, y: theirs(input_ids=x, labels=x).loss]
+    return [torch.compile(f) for f in fns] if args.compile else fns
 
 
 def sync(device):
@@ -102,11 +108,10 @@ def autocast(args):
     return torch.autocast("cuda", dtype=torch.bfloat16) if args.device.startswith("cuda") else nullcontext()
 
 
-def train_step_fn(model, opt, x, y, ours, args):
+def train_step_fn(loss_fn, opt, x, y, args):
     def step():
         with autocast(args):
-            # transformers shifts labels itself: labels=x is the same next-token task as targets=y
-            loss = FusedLoss(model)(x, y) if ours else model(input_ids=x, labels=x).loss
+            loss = loss_fn(x, y)
         loss.backward()
         for o in opt:
             o.step()
@@ -115,6 +120,8 @@ def train_step_fn(model, opt, x, y, ours, args):
 
 
 def forward_fn(model, x, ours, args):
+    model = torch.compile(model) if args.compile else model
+
     @torch.no_grad()
     def fwd():
         with autocast(args):
@@ -207,7 +214,8 @@ def _peak_rss_child(args, ours, conn):
     model = Qwen3(cfg) if ours else Qwen3ForCausalLM(hf_config(cfg))  # only this model in this process
     x = torch.randint(0, cfg.vocab_size, (args.batch_size, args.seq_len))
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    step = train_step_fn(model, adamw(model), x, torch.roll(x, -1, 1), ours, args)
+    loss_fn = losses(model, None, args)[0] if ours else losses(None, model, args)[1]
+    step = train_step_fn(loss_fn, adamw(model), x, torch.roll(x, -1, 1), args)
     step()
     step()
     conn.send((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024)
@@ -223,7 +231,8 @@ def peak_memory(args, ours):
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
-        step = train_step_fn(model, adamw(model), x, torch.roll(x, -1, 1), ours, args)
+        loss_fn = losses(model, None, args)[0] if ours else losses(None, model, args)[1]
+        step = train_step_fn(loss_fn, adamw(model), x, torch.roll(x, -1, 1), args)
         step()
         step()
         return torch.cuda.max_memory_allocated() - base
@@ -258,14 +267,16 @@ def main():
     rows = []
 
     def record(name, unit, mine, peer, higher_is_better=True):
-        ratio = mine / peer if higher_is_better else peer / mine
+        num, den = (mine, peer) if higher_is_better else (peer, mine)
+        ratio = num / den if den else math.nan  # (a tiny model's peak memory can read 0)
         res["results"][name] = {"ours": mine, "transformers": peer, "unit": unit, "ratio": ratio}
         rows.append((name, unit, mine, peer, ratio))
         print(f"{name:<28} {unit:<10} ours {mine:>12,.1f}   transformers {peer:>12,.1f}   ratio {ratio:5.2f}x", flush=True)
 
+    l_ours, l_theirs = losses(ours, theirs, args)
     if "train" not in skip:
-        t_ours, t_theirs = timed([train_step_fn(ours, adamw(ours), x, y, True, args),
-                                  train_step_fn(theirs, adamw(theirs), x, y, False, args)], args)
+        t_ours, t_theirs = timed([train_step_fn(l_ours, adamw(ours), x, y, args),
+                                  train_step_fn(l_theirs, adamw(theirs), x, y, args)], args)
         record("train step (AdamW)", "tok/s", B * T / t_ours, B * T / t_theirs)
         peak = matmul_peak_flops(args)
         flops = train_flops_per_token(cfg, T) * B * T
@@ -273,9 +284,9 @@ def main():
         record("train MFU (AdamW)", "%", 100 * flops / t_ours / peak, 100 * flops / t_theirs / peak)
     if "muon" not in skip:  # each side's AdamW step again, in the same rounds: Muon's overhead is a ratio of neighbours
         t_ours_adamw, t_ours_muon, t_theirs_adamw, t_theirs_muon = timed(
-            [train_step_fn(ours, adamw(ours), x, y, True, args), train_step_fn(ours, muon_setup(ours, FastMuon), x, y, True, args),
-             train_step_fn(theirs, adamw(theirs), x, y, False, args),
-             train_step_fn(theirs, muon_setup(theirs, torch.optim.Muon), x, y, False, args)], args)
+            [train_step_fn(l_ours, adamw(ours), x, y, args), train_step_fn(l_ours, muon_setup(ours, FastMuon), x, y, args),
+             train_step_fn(l_theirs, adamw(theirs), x, y, args),
+             train_step_fn(l_theirs, muon_setup(theirs, torch.optim.Muon), x, y, args)], args)
         record("train step (Muon)", "tok/s", B * T / t_ours_muon, B * T / t_theirs_muon)
         res["muon_overhead_ours"] = t_ours_muon / t_ours_adamw - 1
         res["muon_overhead_transformers_torch_muon"] = t_theirs_muon / t_theirs_adamw - 1

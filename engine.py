@@ -95,17 +95,67 @@ def linear_cross_entropy(h, weight, targets, chunk_size: int = 256):
     return LinearCrossEntropy.apply(h, weight, targets, chunk_size, torch.is_grad_enabled())
 
 
-class FusedLoss(nn.Module):
-    """model(idx, targets)'s loss, computed from the hidden states without keeping the logits:
-    `loss = FusedLoss(model)(idx, targets)`. Wrap it, not the model, in torch.compile and DDP."""
+def hidden_states(model: Qwen3, input_ids, rope):
+    """The chapter's model.model(input_ids) for training (no cache, no padding), in fewer kernels:
+    F.rms_norm, whose fused kernel (on GPUs) replaces the chapter's five-op RMSNorm forward and
+    backward, and RoPE as x cos + roll(x) sin' from tables `rope` (engine.rope_tables). Norms of bf16
+    activations under autocast run in fp32, as in the chapter (which rounds once more, to bf16)."""
+    c, m = model.config, model.model
+    B, T = input_ids.shape
+    H, hd, eps, nh, nkv = c.hidden_size, c.head_dim, c.rms_norm_eps, c.num_attention_heads, c.num_key_value_heads
+    cos, sin = (t[:T, None] for t in rope)  # (T, 1, hd): the same angles for every head
+    p = c.dropout if model.training else 0.0
+    x = m.embed_tokens(input_ids)  # (B, T, hidden)
+    for layer in m.layers:
+        a, mlp = layer.self_attn, layer.mlp
+        h = F.rms_norm(x, (H,), layer.input_layernorm.weight, eps)
+        q = F.rms_norm(a.q_proj(h).view(B, T, nh, hd).float(), (hd,), a.q_norm.weight, eps)  # (B, T, nh, hd)
+        k = F.rms_norm(a.k_proj(h).view(B, T, nkv, hd).float(), (hd,), a.k_norm.weight, eps)  # (B, T, nkv, hd)
+        q, k = (torch.addcmul(t * cos, t.roll(hd // 2, -1), sin) for t in (q, k))  # RoPE
+        v = a.v_proj(h).view(B, T, nkv, hd)
+        window = a.window if a.window is not None and a.window < T else None
+        mask = None if window is None else can_attend(*(torch.arange(T, device=x.device),) * 2, window)
+        y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
+                                           is_causal=mask is None, dropout_p=p, enable_gqa=nkv != nh)  # (B, nh, T, hd)
+        x = x + F.dropout(a.o_proj(y.transpose(1, 2).reshape(B, T, nh * hd)), p, model.training)
+        h = F.rms_norm(x, (H,), layer.post_attention_layernorm.weight, eps)
+        x = x + F.dropout(mlp(h), p, model.training)
+    return F.rms_norm(x, (H,), m.norm.weight, eps)
 
-    def __init__(self, model: Qwen3, chunk_size: int | None = None):
+
+def chunk_rows(rows: int, vocab_size: int, budget: float | None) -> int | None:
+    """Rows of logits per chunk for a batch of `rows`: 256 without a memory budget (a CPU), else
+    None (the plain logits, all at once) while logits, their fp32 copy and its gradient fit the
+    budget (bytes), and the most rows that fit when they do not."""
+    if budget is None:
+        return 256
+    fit = int(budget) // (vocab_size * (2 + 4 + 4))
+    return None if fit >= rows else max(1, fit)
+
+
+class FusedLoss(nn.Module):
+    """model(idx, targets)'s loss, computed in fewer kernels (hidden_states) and without holding all
+    the logits where they cost more than they save: `loss = FusedLoss(model)(idx, targets)`, made
+    once the model is on its device. Wrap it, not the model, in torch.compile and DDP. On a CPU,
+    chunks of 256 rows (touching fresh memory is slow there); on a GPU the plain logits while they
+    fit memory_fraction of its memory (one chunk of the fused loss launches as many kernels, and
+    more chunks many more), else chunks as large as fit (chunk_rows)."""
+
+    def __init__(self, model: Qwen3, memory_fraction: float = 0.125):
         super().__init__()
-        self.model, self.chunk_size = model, chunk_size
+        self.model, device = model, model.lm_head.weight.device
+        total = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else 16 * 2**30
+        self.budget = None if device.type == "cpu" else memory_fraction * total
+        self.rope = {}  # (length, device) -> RoPE tables, made once
 
     def forward(self, input_ids, targets):
-        h = self.model.model(input_ids)  # (B, T, hidden)
-        chunk = self.chunk_size or (256 if h.device.type == "cpu" else h.numel() // h.size(-1))
+        key = (input_ids.size(1), input_ids.device)
+        if key not in self.rope:
+            self.rope[key] = rope_tables(self.model.config, *key, dtype=torch.float32)
+        h = hidden_states(self.model, input_ids, self.rope[key])  # (B, T, hidden)
+        chunk = chunk_rows(targets.numel(), self.model.config.vocab_size, self.budget)
+        if chunk is None:  # as the chapter's Qwen3.forward
+            return F.cross_entropy(self.model.lm_head(h).flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
         return linear_cross_entropy(h.flatten(0, 1), self.model.lm_head.weight, targets.flatten(), chunk)
 
 
@@ -264,7 +314,7 @@ def decode_weights(model: Qwen3, k: int, pack: bool) -> DecodeWeights:
     return DecodeWeights(layers, blocks(model.lm_head.weight), pack)
 
 
-def rope_tables(config, length: int, dtype, device):
+def rope_tables(config, length: int, device, dtype):
     """cos and sign-folded sin (length, head_dim) for positions 0..length-1: the chapter's values."""
     cos, sin = rope_cos_sin(torch.arange(length, device=device), config.head_dim, config.rope_theta, dtype,
                             config.rope_scaling)
@@ -279,7 +329,7 @@ class Generation:
     def __init__(self, model: Qwen3, batch_size: int, max_len: int):
         self.cache = StaticKVCache(model, batch_size, max_len)
         w = model.lm_head.weight
-        self.rope = rope_tables(model.config, max_len, w.dtype, w.device)
+        self.rope = rope_tables(model.config, max_len, w.device, w.dtype)
         self.pad = torch.zeros(batch_size, dtype=torch.long, device=w.device)  # (B,) filled at each prefill
         self.slot = torch.zeros((), dtype=torch.long, device=w.device)  # the next token's cache slot
         self.token = torch.zeros(batch_size, 1, dtype=torch.long, device=w.device)  # the step's input

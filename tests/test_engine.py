@@ -5,8 +5,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from engine import FusedLoss, gram_newton_schulz, linear_cross_entropy, newton_schulz
-from qwen3 import NS_COEFFICIENTS, zeropower_via_newtonschulz
+import engine
+from engine import FusedLoss, chunk_rows, gram_newton_schulz, linear_cross_entropy, newton_schulz
+from qwen3 import NS_COEFFICIENTS, Qwen3, zeropower_via_newtonschulz
 
 V = 101  # vocab of the tiny test models (conftest.TINY)
 
@@ -64,10 +65,20 @@ def test_linear_cross_entropy_edge_cases():
             linear_cross_entropy(h, w, torch.where(torch.arange(10) == 3, bad, targets), 4)
 
 
-@pytest.mark.parametrize("tied", [False, True])
-def test_fused_loss_matches_logits_path_and_transformers(tied, model_pair):
-    hf, ours = model_pair(tie_word_embeddings=tied)
-    x = rand_ids((2, 300), seed=22)  # 600 rows: two chunks of 256 (the default) and a partial one
+SHAPES = {  # untied and tied; biases, GQA 4:1 and windows shorter than the sequence (hidden_states' own mask)
+    "untied": dict(), "tied": dict(tie_word_embeddings=True),
+    "bias_gqa4_sliding": dict(attention_bias=True, num_attention_heads=8, num_key_value_heads=2, num_hidden_layers=3,
+                              use_sliding_window=True, sliding_window=7, max_window_layers=1),
+}
+
+
+@pytest.mark.parametrize("name", SHAPES)
+@pytest.mark.parametrize("plain", [False, True])  # chunks (a CPU's path), or all the logits at once (a GPU's)
+def test_fused_loss_matches_logits_path_and_transformers(name, plain, model_pair, monkeypatch):
+    hf, ours = model_pair(**SHAPES[name])
+    if plain:
+        monkeypatch.setattr(engine, "chunk_rows", lambda rows, vocab_size, budget: None)
+    x = rand_ids((2, 300), seed=22)  # 600 rows: two chunks of 256 (the CPU's) and a partial one
     y = torch.roll(x, -1, 1)
     y[:, -1] = -100
     y[0, :7] = -100
@@ -89,6 +100,17 @@ def test_fused_loss_matches_logits_path_and_transformers(tied, model_pair):
             assert max_rel_err(grads[name], want_grads[name]) <= rel, name
     with torch.no_grad():
         assert abs(FusedLoss(ours)(x, y).item() - loss) <= 1e-6 * loss
+
+
+def test_loss_path_by_device_and_memory(model_pair):
+    """Chunks of 256 rows on a CPU; elsewhere the plain logits while logits, their fp32 copy and its
+    gradient fit an eighth of the device's memory, else the largest chunks that do."""
+    _, ours = model_pair()
+    assert FusedLoss(ours).budget is None and chunk_rows(10**6, V, None) == 256
+    fit = 1010 * 5000  # vocabulary 101: 1010 bytes a row; 5000 rows fit
+    assert chunk_rows(5000, V, fit) is None and chunk_rows(5001, V, fit) == 5000 and chunk_rows(9, V, 10) == 1
+    with torch.device("meta"):  # neither CPU nor CUDA: a budget of an eighth of 16 GiB
+        assert FusedLoss(Qwen3(ours.config)).budget == 2 * 2**30
 
 
 def test_fused_loss_under_autocast(model_pair):

@@ -1,0 +1,402 @@
+"""
+One command measures a GPU: correctness on the device, the training rows, the decoding rows, the
+default training run with Muon and with AdamW, each side by side with transformers where there is a
+counterpart, within a time budget; JSON and PNGs to --out, a summary table at the end.
+
+    python benchmarks/gpu.py --out benchmarks/results/gpu            # on a machine with one CUDA GPU
+    python benchmarks/gpu.py --quick --out /tmp/gpu-smoke           # tiny shapes, any device (checks the script)
+
+Sections, in order (one that fails is recorded and the next goes on; one that would not fit in what
+is left of --minutes is skipped):
+    peaks        a large bf16 matmul (TFLOP/s) and a device-to-device copy (GB/s, read + write): the
+                 MFU and bandwidth-bound denominators, measured here rather than read off a datasheet
+    correctness  logits against transformers' Qwen3ForCausalLM in fp32 (three configs) and bf16;
+                 greedy tokens of the chapter, transformers, and the engine's CUDA graph; a padded
+                 batch against each prompt alone; sampled tokens through the graph; the fused loss
+    decode       tokens/s of generate.py's way (bf16 weights, the engine's graph) against
+                 transformers' generate, batch 1 and 8, seed config and Qwen3-0.6B's shape, each
+                 with the bound: weight bytes per step over the measured copy bandwidth
+    train        a training step (AdamW, bf16 autocast) of the seed config, eager and compiled, and of
+                 Qwen3-0.6B's shape (B=4, T=2048), with MFU, peak memory and CUDA kernels per step
+    default-run  `python train.py` (the GPU defaults) with Muon, and with --optimizer adamw
+"""
+import argparse
+import json
+import math
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+import traceback
+from datetime import date
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+import bench  # noqa: E402
+from engine import Engine, FusedLoss  # noqa: E402
+from qwen3 import Qwen3, Qwen3Config, generate, hf_config  # noqa: E402
+
+SECTIONS = ("peaks", "correctness", "decode", "train", "default-run")
+
+
+def parse_args():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="benchmarks/results/gpu", help="folder for gpu.json, the runs' curves and logs")
+    p.add_argument("--minutes", type=float, default=8.0, help="time budget for the whole script")
+    p.add_argument("--only", default=",".join(SECTIONS), help="comma-separated sections to run")
+    p.add_argument("--quick", action="store_true", help="tiny shapes and runs, on any device: checks the script")
+    p.add_argument("--repeats", type=int, default=5, help="timed rounds per row (the median is kept)")
+    return p.parse_args()
+
+
+# %% helpers
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median_time(fns, device, repeats, warmup=1):
+    """bench.timed's rounds (the functions take turns) on this device."""
+    return bench.timed(fns, argparse.Namespace(repeats=repeats, device=str(device)), warmup=warmup)
+
+
+def randomize_(model, seed=0):
+    """Weights whose outputs are of unit scale, norm gains away from one (as the CPU tests do)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(torch.rand(p.shape, generator=g) + 0.5)
+            elif p.ndim == 1:
+                p.copy_(0.1 * torch.randn(p.shape, generator=g))
+            else:
+                p.copy_(torch.randn(p.shape, generator=g) * p.shape[1] ** -0.5)
+    return model
+
+
+def pair(cfg, device, dtype=torch.float32, attn="sdpa", seed=0, random=True):
+    """(ours, transformers') with the same weights, in eval mode, on device, in dtype."""
+    import transformers
+    torch.manual_seed(seed)
+    hf_cfg = hf_config(cfg)
+    hf_cfg._attn_implementation = attn
+    with torch.device(device):
+        theirs = transformers.Qwen3ForCausalLM(hf_cfg)
+    if random:
+        randomize_(theirs, seed)
+    with torch.device(device):
+        ours = Qwen3(cfg)
+    ours.load_state_dict(theirs.state_dict())
+    return ours.to(dtype).eval(), theirs.to(dtype).eval()
+
+
+def hf_greedy(theirs, idx, n, mask=None):
+    return theirs.generate(idx, attention_mask=torch.ones_like(idx) if mask is None else mask, max_new_tokens=n,
+                           min_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0)
+
+
+def rel_err(got, want):
+    return ((got.float() - want.float()).abs().max() / want.float().abs().max()).item()
+
+
+def kernels_per_call(fn, device):
+    """How many kernels one call of fn launches on the GPU (torch.profiler); None on a CPU."""
+    if device.type != "cuda":
+        return None
+    from torch.profiler import ProfilerActivity, profile
+    fn()
+    sync(device)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        sync(device)
+    return sum(1 for e in prof.events() if e.device_type.name == "CUDA")
+
+
+# %% sections
+
+def peaks(args, device):
+    n = 1024 if args.quick else 8192
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    t_mm = min(median_time([lambda: a @ b], device, args.repeats, warmup=3))
+    del a, b
+    size = (64 if args.quick else 2048) * 2**20  # bytes
+    x = torch.randn(size // 4, device=device)
+    y = torch.empty_like(x)
+    t_copy = median_time([lambda: y.copy_(x)], device, args.repeats, warmup=3)[0]
+    return dict(matmul_tflops=2 * n**3 / t_mm / 1e12, matmul_n=n, copy_gb_per_s=2 * size / t_copy / 1e9)
+
+
+CORRECTNESS_CONFIGS = {  # GQA with a narrow head; MHA with sliding windows; MQA with a wide head
+    "gqa_hd24": dict(num_attention_heads=4, num_key_value_heads=2, head_dim=24),
+    "mha_sliding": dict(num_attention_heads=4, num_key_value_heads=4, head_dim=32, use_sliding_window=True,
+                        sliding_window=8, max_window_layers=1),
+    "mqa_hd128": dict(num_attention_heads=4, num_key_value_heads=1, head_dim=128),
+}
+
+
+def correctness(args, device):
+    out = {}
+    base = dict(vocab_size=1000, hidden_size=96, intermediate_size=192, num_hidden_layers=3, max_position_embeddings=512)
+    idx = torch.randint(0, 1000, (2, 64), device=device)
+    for name, kw in CORRECTNESS_CONFIGS.items():
+        cfg = Qwen3Config(**base, **kw)
+        ours, theirs = pair(cfg, device, attn="eager")
+        r = {}
+        with torch.no_grad():
+            want = theirs(idx).logits
+            r["fp32_logits_rel_err"] = rel_err(ours(idx)[0], want)
+            ours16, theirs16 = pair(cfg, device, torch.bfloat16, attn="eager")
+            r["bf16_logits_rel_err_ours"] = rel_err(ours16(idx)[0], want)
+            r["bf16_logits_rel_err_transformers"] = rel_err(theirs16(idx).logits, want)
+        prompt, n = idx[:1, :12], 40  # 40 new tokens: far past the window of 8
+        chapter = generate(ours, prompt, n, temperature=0)
+        r["greedy_chapter_equals_transformers"] = torch.equal(chapter, hf_greedy(theirs, prompt, n))
+        engine = Engine(ours)  # a CUDA graph on CUDA; on a CPU (--quick) the step over the filled cache
+        r["engine_mode"] = engine.mode
+        r["greedy_engine_equals_chapter"] = torch.equal(generate(ours, prompt, n, temperature=0, decoder=engine), chapter)
+        # a padded batch of three prompts of different lengths: each row as that prompt alone
+        lengths = [12, 5, 1]
+        padded = torch.randint(0, 1000, (3, 12), device=device)
+        mask = (torch.arange(12, device=device)[None] >= 12 - torch.tensor(lengths, device=device)[:, None]).long()
+        batch = generate(ours, padded, n, temperature=0, attention_mask=mask, decoder=engine)
+        alone = [generate(ours, padded[b:b + 1, 12 - L:], n, temperature=0, decoder=engine)[0, L:] for b, L in enumerate(lengths)]
+        r["padded_batch_equals_each_alone"] = all(torch.equal(batch[b, 12:], alone[b]) for b in range(3))
+        r["padded_batch_equals_chapter"] = torch.equal(batch, generate(ours, padded, n, temperature=0, attention_mask=mask))
+        # sampling through the graph: the same generator state draws the chapter's tokens
+        kw_s = dict(temperature=0.8, top_k=50, top_p=0.95)
+        drawn = [generate(ours, prompt, n, **kw_s, generator=torch.Generator(device).manual_seed(1), **d)
+                 for d in ({}, dict(decoder=engine))]
+        r["sampled_engine_equals_chapter"] = torch.equal(*drawn)
+        # bf16 weights (generate.py's way on CUDA): the graph against the chapter's loop in bf16
+        g16 = generate(ours16, prompt, n, temperature=0, decoder=Engine(ours16))
+        r["bf16_greedy_engine_agreement"] = (g16 == generate(ours16, prompt, n, temperature=0)).float().mean().item()
+        # the fused loss under autocast against the chapter's loss under autocast
+        y = torch.roll(idx, -1, 1)
+        with torch.autocast(device.type, torch.bfloat16), torch.no_grad():
+            r["fused_loss_rel_diff"] = abs(FusedLoss(ours)(idx, y).item() / ours(idx, y)[1].item() - 1)
+        out[name] = r
+        print(f"  {name}: {r}", flush=True)
+    return out
+
+
+def decode(args, device):
+    """generate.py's way (bf16 weights on CUDA, the engine) against transformers' generate."""
+    rows, n = {}, 8 if args.quick else 64
+    copy_bw = RESULTS.get("peaks", {}).get("copy_gb_per_s")
+    shapes = {"seed": Qwen3Config.preset("seed", max_position_embeddings=512)}
+    if not args.quick:
+        shapes["qwen3-0.6b"] = Qwen3Config.preset("qwen3-0.6b")
+    else:
+        shapes = {"tiny": Qwen3Config(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, head_dim=16)}
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    for shape, cfg in shapes.items():
+        ours, theirs = pair(cfg, device, dtype, random=False)
+        engine = Engine(ours)
+        for B in (1, 8):
+            prompt, mask = (torch.randint(0, cfg.vocab_size, (1, 16), device=device), None) if B == 1 else \
+                bench.padded_prompts(cfg, B, device)
+
+            def ours_fn(k):
+                return lambda: generate(ours, prompt, k, temperature=0, attention_mask=mask, decoder=engine)
+
+            def theirs_fn(k):
+                return lambda: hf_greedy(theirs, prompt, k, mask)
+
+            with torch.no_grad():
+                t_ours, t_theirs, t_ours_1, t_theirs_1 = median_time(
+                    [ours_fn(n), theirs_fn(n), ours_fn(1), theirs_fn(1)], device, max(3, args.repeats - 2))
+            per_step = sum(m.numel() * m.element_size() for m in engine.weights_for(B).matrices())
+            row = dict(tokens_per_s_ours=B * n / t_ours, tokens_per_s_transformers=B * n / t_theirs,
+                       steps_per_s_ours=(n - 1) / (t_ours - t_ours_1), steps_per_s_transformers=(n - 1) / (t_theirs - t_theirs_1),
+                       weight_bytes_per_step=per_step, engine_mode=engine.mode)
+            row["ratio"] = row["tokens_per_s_ours"] / row["tokens_per_s_transformers"]
+            if copy_bw:  # B tokens a step; a step reads every weight once
+                row["bound_tokens_per_s"] = B * copy_bw * 1e9 / per_step
+                row["fraction_of_bound_steps"] = B * row["steps_per_s_ours"] / row["bound_tokens_per_s"]
+            rows[f"{shape}, batch {B}"] = row
+            print(f"  decode {shape}, batch {B}: {row}", flush=True)
+        del ours, theirs, engine
+        torch.cuda.empty_cache() if device.type == "cuda" else None
+    return rows
+
+
+def train_rows(args, device, cfg, B, T, compile_too):
+    """AdamW steps of ours (engine.FusedLoss, as train.py) and transformers', eager and compiled."""
+    ours, theirs = pair(cfg, device, random=False)
+    ours.train(), theirs.train()
+    x = torch.randint(0, cfg.vocab_size, (B, T), device=device)
+    y = torch.roll(x, -1, 1)
+    opts = bench.adamw(ours), bench.adamw(theirs)
+    amp = argparse.Namespace(device=str(device))
+    flops = bench.train_flops_per_token(cfg, T) * B * T
+    peak = RESULTS.get("peaks", {}).get("matmul_tflops")
+    out = {}
+    for mode in ("eager", "compiled") if compile_too else ("eager",):
+        fns = [FusedLoss(ours), lambda a, b: theirs(input_ids=a, labels=a).loss]
+        if mode == "compiled":
+            fns = [torch.compile(f) for f in fns]
+        steps = [bench.train_step_fn(f, o, x, y, amp) for f, o in zip(fns, opts)]
+        t0 = time.perf_counter()
+        for s in steps:  # the first call compiles
+            s()
+        sync(device)
+        first = time.perf_counter() - t0
+        t_ours, t_theirs = median_time(steps, device, args.repeats)
+        row = dict(tokens_per_s_ours=B * T / t_ours, tokens_per_s_transformers=B * T / t_theirs,
+                   ratio=t_theirs / t_ours, step_ms_ours=1000 * t_ours, step_ms_transformers=1000 * t_theirs,
+                   first_steps_s=first)
+        if peak:
+            row["mfu_ours"], row["mfu_transformers"] = (flops / t / (peak * 1e12) for t in (t_ours, t_theirs))
+        if device.type == "cuda":
+            for side, s in zip(("ours", "transformers"), steps):
+                torch.cuda.reset_peak_memory_stats(device)
+                s()
+                row[f"peak_gib_{side}"] = torch.cuda.max_memory_allocated(device) / 2**30
+            if mode == "eager":
+                row["kernels_ours"], row["kernels_transformers"] = (kernels_per_call(s, device) for s in steps)
+        out[mode] = row
+        print(f"  train {mode}: {row}", flush=True)
+    return out
+
+
+def train(args, device):
+    if args.quick:
+        cfg = Qwen3Config(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=64)
+        return {"tiny": train_rows(args, device, cfg, 2, 64, compile_too=False)}
+    out = {"seed, B=24, T=512": train_rows(args, device, Qwen3Config.preset("seed", max_position_embeddings=512), 24, 512, True)}
+    torch.cuda.empty_cache()
+    if left() > 200:  # compiling Qwen3-0.6B's shape twice takes minutes
+        out["qwen3-0.6b, B=4, T=2048"] = train_rows(args, device, Qwen3Config.preset("qwen3-0.6b"), 4, 2048,
+                                                    compile_too=left() > 300)
+    return out
+
+
+def default_run(args, device):
+    """python train.py with the device's defaults, Muon and AdamW: best val bpb, time per step,
+    where Muon first reaches AdamW's final validation loss."""
+    out_dir, runs = Path(args.out), {}
+    quick = ["--max-steps", "20", "--eval-every", "10", "--preset", "cpu", "--seq-len", "64", "--batch-size", "4",
+             "--vocab-size", "512", "--eval-batches", "1"] if args.quick else []
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    for name, flags in (("muon", []), ("adamw", ["--optimizer", "adamw"])):
+        run = out_dir / f"run-{name}"
+        shutil.rmtree(run, ignore_errors=True)
+        cmd = [sys.executable, str(ROOT / "train.py"), "--out-dir", str(run), "--device", device.type, *flags, *quick]
+        t0 = time.perf_counter()
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
+        wall = time.perf_counter() - t0
+        (out_dir / f"run-{name}.log").write_text(proc.stdout + proc.stderr)
+        if proc.returncode:
+            raise RuntimeError(f"train.py {name} exited {proc.returncode}: {proc.stderr.strip().splitlines()[-1:]}")
+        records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        best = min(records, key=lambda r: r["val_loss"])
+        last = records[-1]
+        runs[name] = dict(best_val_loss=best["val_loss"], best_val_bpb=best["val_bpb"], best_step=best["step"],
+                          steps=last["step"], steps_s=last["steps_s"], elapsed_s=last["elapsed_s"], wall_s=wall,
+                          ms_per_step=1000 * last["steps_s"] / last["step"], records=records)
+        shutil.copy(run / "curves.png", out_dir / f"curves-{name}.png")
+        for sub in ("best", "last"):  # the weights stay on the device machine: only numbers come back
+            shutil.rmtree(run / sub, ignore_errors=True)
+        print(f"  default run {name}: best val {best['val_loss']:.4f} ({best['val_bpb']:.3f} bpb) at step {best['step']}, "
+              f"{runs[name]['ms_per_step']:.1f} ms a step, {wall:.0f} s wall", flush=True)
+    target = runs["adamw"]["records"][-1]["val_loss"]
+    muon = runs["muon"]["records"]
+    reach = next(((a, b) for a, b in zip(muon, muon[1:]) if a["val_loss"] > target >= b["val_loss"]), None)
+    if reach:  # interpolated between evaluations
+        a, b = reach
+        runs["muon_reaches_adamw_final_at_step"] = a["step"] + (b["step"] - a["step"]) * (a["val_loss"] - target) / (a["val_loss"] - b["val_loss"])
+    for r in runs.values():
+        if isinstance(r, dict):
+            r.pop("records")
+    return runs
+
+
+# %% the budget, the run, the table
+
+START, BUDGET, RESULTS = time.perf_counter(), 0.0, {}
+ESTIMATES = {"peaks": 15, "correctness": 60, "decode": 120, "train": 150, "default-run": 220}  # seconds, on an H200
+
+
+def left() -> float:
+    return BUDGET - (time.perf_counter() - START)
+
+
+def summary(res):
+    lines = [f"{res['device']}, torch {res['torch']}, transformers {res['transformers']}, {res['date']}"]
+    p = res.get("peaks", {})
+    if "matmul_tflops" in p:
+        lines.append(f"peaks: bf16 matmul {p['matmul_tflops']:.0f} TFLOP/s, copy {p['copy_gb_per_s']:.0f} GB/s")
+    for name, r in res.get("correctness", {}).items():
+        if isinstance(r, dict):
+            flags = [k for k, v in r.items() if v is False]
+            lines.append(f"correct {name}: fp32 rel err {r['fp32_logits_rel_err']:.1e}, bf16 ours/theirs "
+                         f"{r['bf16_logits_rel_err_ours']:.1e}/{r['bf16_logits_rel_err_transformers']:.1e}, "
+                         + ("all token checks equal" if not flags else f"NOT EQUAL: {', '.join(flags)}"))
+    for name, r in res.get("decode", {}).items():
+        if isinstance(r, dict):
+            bound = f", {r['fraction_of_bound_steps']:.2f} of the bound" if "fraction_of_bound_steps" in r else ""
+            lines.append(f"decode {name:<22} ours {r['tokens_per_s_ours']:>8,.0f} tok/s  transformers "
+                         f"{r['tokens_per_s_transformers']:>7,.0f}  {r['ratio']:5.2f}x{bound}")
+    for shape, modes in res.get("train", {}).items():
+        for mode, r in (modes.items() if isinstance(modes, dict) else ()):
+            if isinstance(r, dict):
+                mfu = f", MFU {100 * r['mfu_ours']:.1f}% vs {100 * r['mfu_transformers']:.1f}%" if "mfu_ours" in r else ""
+                lines.append(f"train {shape} {mode:<8} ours {r['tokens_per_s_ours']:>10,.0f} tok/s  transformers "
+                             f"{r['tokens_per_s_transformers']:>10,.0f}  {r['ratio']:5.2f}x{mfu}")
+    runs = res.get("default-run", {})
+    for name in ("muon", "adamw"):
+        if isinstance(runs.get(name), dict):
+            r = runs[name]
+            lines.append(f"default run {name}: {r['best_val_bpb']:.3f} bpb, {r['ms_per_step']:.1f} ms a step, {r['wall_s']:.0f} s wall")
+    if "muon_reaches_adamw_final_at_step" in runs:
+        lines.append(f"Muon reaches AdamW's final loss at step {runs['muon_reaches_adamw_final_at_step']:.0f}")
+    for name in SECTIONS:
+        if isinstance(res.get(name), dict) and ("error" in res[name] or "skipped" in res[name]):
+            lines.append(f"{name}: {res[name].get('error') or res[name]['skipped']}")
+    return "\n".join(lines)
+
+
+def main():
+    global BUDGET
+    args = parse_args()
+    BUDGET = 60 * args.minutes
+    import transformers
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    RESULTS.update(date=str(date.today()), device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+                   torch=torch.__version__, transformers=transformers.__version__, quick=args.quick)
+    wanted = set(args.only.split(","))
+    for name, fn in (("peaks", peaks), ("correctness", correctness), ("decode", decode), ("train", train),
+                     ("default-run", default_run)):
+        if name not in wanted:
+            continue
+        if not args.quick and left() < ESTIMATES[name] * 0.6:
+            RESULTS[name] = {"skipped": f"skipped: {left():.0f} s left of the budget"}
+            continue
+        print(f"{name} ({left():.0f} s left)", flush=True)
+        t0 = time.perf_counter()
+        try:
+            RESULTS[name] = fn(args, device)
+        except Exception as e:  # one section's failure is recorded; the next goes on
+            RESULTS[name] = {"error": f"{type(e).__name__}: {' '.join(str(e).split())[:300]}",
+                             "traceback": traceback.format_exc()[-3000:]}
+            print(RESULTS[name]["traceback"], file=sys.stderr, flush=True)
+        RESULTS.setdefault("section_seconds", {})[name] = time.perf_counter() - t0
+        Path(args.out, "gpu.json").write_text(json.dumps(RESULTS, indent=2, default=str) + "\n")
+    print("\n" + summary(RESULTS))
+
+
+if __name__ == "__main__":
+    main()
