@@ -1,4 +1,5 @@
-"""generate.py: one-shot and interactive sampling, checked against transformers on tiny random checkpoints.
+"""generate.py (one-shot), interactive.py (the prompt it opens) and sampling.py (what they share),
+checked against transformers on tiny random checkpoints.
 
 Fixtures (built here, offline): a byte-level BPE trained on a few sentences, tiny random Qwen3
 checkpoints written by transformers (and one by qwen3.save_pretrained, as train.py does), and for
@@ -25,8 +26,10 @@ import transformers
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
+import engine
 import generate
 import qwen3
+import sampling
 from qwen3 import Qwen3, from_pretrained, read_config, save_pretrained
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -82,7 +85,7 @@ def hf_greedy(model, ids, n, stop=()):
 
 
 def continuation(tok, prompt_ids, all_ids):
-    """The text that follows the prompt, as generate.py prints it."""
+    """The text that follows the prompt, as generate.py and the interactive prompt print it after the prompt."""
     return tok.decode(all_ids, skip_special_tokens=True)[len(tok.decode(prompt_ids, skip_special_tokens=True)):]
 
 
@@ -236,9 +239,9 @@ def test_samples_stay_in_the_allowed_support(top_k, top_p, temperature, ckpt, hf
     transformers' logits (temperature first, then top-k, then top-p, as transformers orders them)."""
     model = from_pretrained(ckpt, dtype=torch.float32)
     ids = tok.encode(PROMPT)
-    s = dict(max_new_tokens=CONTEXT - len(ids), temperature=temperature, top_k=top_k, top_p=top_p)
-    new, _, _, _ = generate.complete(model, tok, ids, s, [], torch.Generator().manual_seed(0), echo=False,
-                                     out=io.StringIO())
+    tokens = qwen3.stream(model, torch.tensor([ids]), CONTEXT - len(ids), temperature=temperature, top_k=top_k,
+                          top_p=top_p, generator=torch.Generator().manual_seed(0), decoder=engine.Engine(model))
+    new = sampling.print_tokens(tokens, tok, ids, echo=False, probs=False, out=io.StringIO()).new_ids
     assert len(new) == CONTEXT - len(ids)
     with torch.no_grad():
         logits = hf(torch.tensor([ids + new])).logits[0, len(ids) - 1:-1] / temperature
@@ -273,12 +276,12 @@ def test_long_prompt_keeps_the_most_recent_tokens(ckpt, hf, tok, capsys):
 
 
 def test_fit_context():
-    assert generate.fit_context([1, 2, 3], 5, 64) == ([1, 2, 3], 5, None)
-    ids, n, note = generate.fit_context(list(range(100)), 10, 64)
+    assert sampling.fit_context([1, 2, 3], 5, 64) == ([1, 2, 3], 5, None)
+    ids, n, note = sampling.fit_context(list(range(100)), 10, 64)
     assert (ids, n) == (list(range(46, 100)), 10) and "keeping the last 54" in note
-    ids, n, note = generate.fit_context([7, 8], 500, 64)  # asks for more than the whole context
+    ids, n, note = sampling.fit_context([7, 8], 500, 64)  # asks for more than the whole context
     assert (ids, n) == ([7, 8], 62) and "at most 62" in note
-    ids, n, _ = generate.fit_context(list(range(100)), 500, 64)  # the prompt keeps half of it
+    ids, n, _ = sampling.fit_context(list(range(100)), 500, 64)  # the prompt keeps half of it
     assert (ids, n) == (list(range(68, 100)), 32)
 
 
@@ -300,6 +303,47 @@ def test_run_dir_uses_best_then_last(ckpt, tok, tmp_path, capsys, monkeypatch):
     assert run_main(capsys, *args)[0] == from_last
 
 
+def test_no_engine_gives_the_engines_tokens_and_transformers(ckpt, hf, tok, capsys, monkeypatch):
+    """--no-engine: every token comes from qwen3.next_tokens and no Engine is made; the greedy text is
+    the engine's and transformers'. --help says what the flag is for."""
+    args = ["--ckpt", ckpt, "--prompt", PROMPT, "-n", 20, "--temperature", 0]
+    with_engine, _ = run_main(capsys, *args)
+    steps = []
+
+    def readable_loop(*a, **kw):
+        for step in qwen3.next_tokens(*a, **kw):
+            steps.append(step)
+            yield step
+    monkeypatch.setattr(generate, "next_tokens", readable_loop)
+    monkeypatch.setattr(generate, "Engine", lambda model: pytest.fail("--no-engine made an Engine"))
+    without, _ = run_main(capsys, *args, "--no-engine")
+    assert without == with_engine == PROMPT + reference(hf, tok, PROMPT, 20) + "\n"
+    assert len(steps) == 20
+    help_text = " ".join(generate.get_parser().format_help().split())
+    assert "--no-engine send every token through qwen3.py's own generation loop" in help_text
+    assert "slower" in help_text
+
+
+def test_one_engine_per_loaded_model(ckpt, capsys, monkeypatch):
+    """The engine packs its copy of the weights at first use: it is made once after loading, not for
+    each sample, prompt or batch."""
+    made = []
+
+    class CountedEngine(engine.Engine):
+        def __init__(self, model):
+            made.append(model)
+            super().__init__(model)
+    monkeypatch.setattr(generate, "Engine", CountedEngine)
+    run_main(capsys, "--ckpt", ckpt, "--prompt", PROMPT, "-n", 5, "--num-samples", 3)
+    assert len(made) == 1
+    run_main(capsys, "--ckpt", ckpt, "--prompt", PROMPT, "--prompt", "The dog", "-n", 5, "--num-samples", 2)
+    assert len(made) == 2
+    lines = iter([PROMPT, "The dog", "", "/quit"])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
+    out, _ = run_main(capsys, "--ckpt", ckpt, "-n", 5)
+    assert out.count(" tokens") >= 3 and len(made) == 3
+
+
 def test_text_stream_prints_multibyte_characters_whole(tok):
     """Byte-level BPE splits characters across tokens; pieces must never show half a character,
     and together they must be exactly the decoded text."""
@@ -307,7 +351,7 @@ def test_text_stream_prints_multibyte_characters_whole(tok):
     ids = tok.encode(text)
     assert len(ids) > len(text) // 2  # really split into bytes
     prompt = tok.encode("The")
-    stream = generate.TextStream(tok, prompt)
+    stream = sampling.TextStream(tok, prompt)
     pieces = [stream.push(t) for t in ids] + [stream.flush()]
     assert "".join(pieces) == text
     assert not any("\ufffd" in p for p in pieces)
@@ -335,8 +379,8 @@ def test_chat_applies_the_template(qwen_ckpt, qwen_tok):
 
 def test_chat_encode_think_switch(qwen_tok):
     messages = [{"role": "user", "content": "Hi"}]
-    think = qwen_tok.decode(generate.encode(qwen_tok, messages, chat=True, think=True))
-    no_think = qwen_tok.decode(generate.encode(qwen_tok, messages, chat=True, think=False))
+    think = qwen_tok.decode(sampling.encode(qwen_tok, messages, chat=True, think=True))
+    no_think = qwen_tok.decode(sampling.encode(qwen_tok, messages, chat=True, think=False))
     assert think == "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
     assert no_think == think + "<think>\n\n</think>\n\n"
 
@@ -437,12 +481,12 @@ def test_interactive_leaves_cleanly(key, ckpt):
 # -----------------------------------------------------------------------------
 # looking inside: /tokens, /probs and --show-probs, tiny temperatures, the empty prompt
 
-PIECE = r"""(?:b?'(?:[^'\\]|\\.)*'|b?"(?:[^"\\]|\\.)*"|<[^>]*>)"""  # how generate.token_piece shows a token
+PIECE = r"""(?:b?'(?:[^'\\]|\\.)*'|b?"(?:[^"\\]|\\.)*"|<[^>]*>)"""  # how sampling.token_piece shows a token
 
 
 def piece_ids(tok, vocab_size):
     """Shown piece -> token id over the model's whole vocabulary (padded rows too); one to one."""
-    ids = {generate.token_piece(tok, i): i for i in range(vocab_size)}
+    ids = {sampling.token_piece(tok, i): i for i in range(vocab_size)}
     assert len(ids) == vocab_size
     return ids
 
@@ -473,14 +517,14 @@ def test_token_pieces_spell_the_exact_bytes(tok, qwen_tok):
     is visible, characters that byte-level BPE cut apart are shown as their bytes, never as U+FFFD."""
     text = "The cat\n  sat, 日本語 🙂🚀 déjà vu\t!"
     for t in (tok, qwen_tok):
-        pieces = [generate.token_piece(t, i) for i in t.encode(text)]
+        pieces = [sampling.token_piece(t, i) for i in t.encode(text)]
         values = [ast.literal_eval(p) for p in pieces]
         assert b"".join(v if isinstance(v, bytes) else v.encode() for v in values) == text.encode()
         assert "'\\n'" in pieces or any("\\n" in p for p in pieces)
         assert not any("\ufffd" in p for p in pieces)
-    assert any(isinstance(ast.literal_eval(p), bytes) for p in (generate.token_piece(tok, i) for i in tok.encode(text)))
-    assert generate.token_piece(qwen_tok, 151644) == "<|im_start|>"  # special tokens bare
-    assert generate.token_piece(tok, len(tok) + 3) == f"<id {len(tok) + 3}>"  # a padded row
+    assert any(isinstance(ast.literal_eval(p), bytes) for p in (sampling.token_piece(tok, i) for i in tok.encode(text)))
+    assert sampling.token_piece(qwen_tok, 151644) == "<|im_start|>"  # special tokens bare
+    assert sampling.token_piece(tok, len(tok) + 3) == f"<id {len(tok) + 3}>"  # a padded row
 
 
 def tokens_listing(child) -> str:

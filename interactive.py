@@ -1,0 +1,184 @@
+"""
+The interactive prompt that `python generate.py` opens without --prompt: type a prompt and its
+continuation streams after it (with --chat, the model's reply; the conversation is kept). Lines
+starting with / change the settings or look inside: /tokens shows how the last prompt was split,
+/probs what the model weighed at each step. Each generation goes through qwen3.stream, as in
+generate.py's one-shot path.
+"""
+import sys
+
+import torch
+
+from common import UserError, error
+from qwen3 import stream
+from sampling import check, make_generator, print_tokens, prompt_ids, token_piece
+
+HELP = """\
+Type a prompt and press Enter; the continuation streams as it is generated. Lines starting with / are commands:
+  /temp T         temperature (0 = greedy)
+  /topk K         sample only from the K most likely tokens (0 = off)
+  /topp P         sample only from the most likely tokens holding probability mass P, in (0, 1] (1 = off)
+  /n N            max new tokens per generation
+  /seed S         reseed the sampler (what follows is reproducible)
+  /probs on|off   a line per new token: its likeliest candidates and their probabilities after temperature,
+                  top-k and top-p (* marks the token drawn); the text follows
+  /tokens         how the last prompt was split into tokens (ids and pieces, as the model got it)
+{chat}  /settings       show the current settings
+  /help           show this help
+  /quit           leave (so do Ctrl-D and Ctrl-C at the prompt; Ctrl-C during a generation stops it)
+{empty}"""
+
+HELP_CHAT = """\
+  /think on|off   let the model think before it answers (Qwen3's enable_thinking)
+  /reset          forget the conversation so far
+"""
+
+COMMANDS = {  # /command: (setting, type of its value)
+    "/n": ("max_new_tokens", int),
+    "/temp": ("temperature", float),
+    "/topk": ("top_k", int),
+    "/topp": ("top_p", float),
+    "/seed": ("seed", int),
+}
+
+
+def help_text(chat):
+    if chat:
+        return HELP.format(chat=HELP_CHAT, empty='An empty line sends an empty message, as --prompt "" does.')
+    return HELP.format(chat="", empty='An empty line samples unconditionally, from the start token alone, as '
+                       '--prompt "" does.\nWith --chat there are /think and /reset too.')
+
+
+def on_off(flag):
+    return "on" if flag else "off"
+
+
+def switch(name, values, now):
+    if values not in (["on"], ["off"]):
+        raise UserError(f"usage: {name} on|off (now {on_off(now)})")
+    return values == ["on"]
+
+
+def show_tokens(tokenizer, ids):
+    """/tokens: the prompt the model got, one token a line, and a note when it ends mid-word
+    (a chat template's prompt never does: it ends with the assistant's header)."""
+    lines = [f"{len(ids)} tokens (the last prompt, as the model got it):"]
+    lines += [f"{i:5d} {t:7d}  {token_piece(tokenizer, t)}" for i, t in enumerate(ids)]
+    text = tokenizer.decode(ids, skip_special_tokens=True)
+    if text[-1:].isalnum():
+        lines.append("note: the prompt ends in a letter or digit, so to the model its last word may not be over: "
+                     "the continuation may extend it (Paris into Parisk); a prompt ending in a space or punctuation "
+                     "is tokenized, and continued, differently")
+    return "\n".join(lines)
+
+
+class Session:
+    """One sitting at the prompt: the model and what the user has set, the random numbers that
+    every generation draws from in turn, and with --chat the conversation so far."""
+
+    def __init__(self, model, tokenizer, stop, decoder, settings, chat, show_prompt):
+        self.model, self.tokenizer, self.stop, self.decoder = model, tokenizer, stop, decoder
+        self.settings, self.chat, self.show_prompt = settings, chat, show_prompt
+        self.generator = make_generator(model.lm_head.weight.device, settings.seed)
+        self.history = []  # with --chat: the messages so far
+        self.last_ids = None  # the last prompt as the model got it, for /tokens
+
+    def settings_line(self):
+        settings = self.settings
+        return (f"settings: /temp {settings.temperature} /topk {settings.top_k} /topp {settings.top_p} "
+                f"/n {settings.max_new_tokens} /seed {'random' if settings.seed is None else settings.seed} /probs {on_off(settings.show_probs)}"
+                + (f" /think {on_off(settings.think)}" if self.chat else ""))
+
+    def command(self, line):
+        """Apply one /command; True means quit. A bad one raises UserError."""
+        name, *values = line.split()
+        settings = self.settings
+        if name in ("/quit", "/exit", "/q"):
+            return True
+        if name == "/help":
+            print(help_text(self.chat))
+        elif name == "/settings":
+            print(self.settings_line())
+        elif name == "/tokens":
+            print("no prompt yet: /tokens shows how the last one was split" if self.last_ids is None
+                  else show_tokens(self.tokenizer, self.last_ids))
+        elif name == "/probs":
+            settings.show_probs = switch(name, values, settings.show_probs)
+            print(self.settings_line())
+        elif name == "/reset":
+            self.history.clear()
+            print("conversation cleared" if self.chat else "nothing to reset: each prompt stands alone without --chat")
+        elif name == "/think":
+            if not self.chat:
+                raise UserError("/think applies only to --chat (it switches the chat template's thinking)")
+            settings.think = switch(name, values, settings.think)
+            print(self.settings_line())
+        elif name in COMMANDS:
+            key, kind = COMMANDS[name]
+            if len(values) != 1:
+                raise UserError(f"usage: {name} VALUE (now {getattr(settings, key)})")
+            try:
+                value = kind(values[0])
+            except ValueError:
+                needs = "an integer" if kind is int else "a number"
+                raise UserError(f"{name} needs {needs}, got {values[0]!r}") from None
+            check(key, value)
+            setattr(settings, key, value)
+            if key == "seed":
+                self.generator.manual_seed(value)
+            print(self.settings_line())
+        else:
+            raise UserError(f"unknown command {name}; /help lists the commands")
+        return False
+
+    def reply(self, line):
+        """Stream the continuation of a line (with --chat, the model's reply to it), then a line of
+        numbers. An empty line is a prompt too: unconditional samples, or an empty message."""
+        if self.chat:
+            self.history.append({"role": "user", "content": line})
+        settings = self.settings
+        ids, max_new_tokens = prompt_ids(self.tokenizer, self.history if self.chat else line, settings,
+                                         self.model.config.max_position_embeddings, self.chat, self.show_prompt)
+        self.last_ids = ids
+        tokens = stream(self.model, torch.tensor([ids], device=self.model.lm_head.weight.device), max_new_tokens,
+                        temperature=settings.temperature, top_k=settings.top_k, top_p=settings.top_p,
+                        eos_token_id=self.stop, generator=self.generator, with_probs=settings.show_probs,
+                        decoder=self.decoder)
+        new, first, seconds, interrupted = print_tokens(tokens, self.tokenizer, ids, echo=False,
+                                                        probs=settings.show_probs)
+        print("\n[stopped]" if interrupted else "")
+        if self.chat:
+            self.history.append({"role": "assistant", "content": self.tokenizer.decode(new, skip_special_tokens=True)})
+        if new:  # decoding speed: the steps after the first token (whose time includes the prompt's pass)
+            rate = f", {(len(new) - 1) / (seconds - first):.1f} tokens/s" if len(new) > 1 else ""
+            print(f"[{len(new)} tokens{rate}, first token after {first:.2f}s]")
+        else:
+            print("[no tokens: the model ended at once]")
+
+
+def run(ckpt, model, tokenizer, stop, decoder, settings, chat, show_prompt):
+    """Read lines until /quit, Ctrl-D or Ctrl-C at the prompt: /commands, else prompts."""
+    if sys.stdin.isatty():
+        try:
+            import readline  # noqa: F401  (importing it gives input() line editing and history)
+        except ImportError:
+            pass
+    session = Session(model, tokenizer, stop, decoder, settings, chat, show_prompt)
+    weight = model.lm_head.weight
+    print(f"Qwen3 with {model.num_params():,} parameters from {ckpt} on {weight.device} ({weight.dtype})"
+          f"{', chat mode' if chat else ''}. /help lists the commands.")
+    print(session.settings_line())
+    while True:
+        try:
+            line = input("> ")
+        except (EOFError, KeyboardInterrupt):
+            print()
+            return
+        if not line.startswith("/"):
+            session.reply(line)
+            continue
+        try:
+            if session.command(line):
+                return
+        except UserError as e:
+            error(e)
