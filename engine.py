@@ -23,7 +23,7 @@ import torch.distributed
 import torch.nn as nn
 import torch.nn.functional as F
 
-from qwen3 import (NS_COEFFICIENTS, KVCache, Muon, Qwen3, can_attend, next_token_probs, next_tokens, rope_cos_sin,
+from qwen3 import (NS_COEFFICIENTS, KVCache, MoE, Muon, Qwen3, can_attend, next_token_probs, next_tokens, rope_cos_sin,
                    sample_next_token)
 
 # %% 1. The training loss without the logits
@@ -95,6 +95,27 @@ def linear_cross_entropy(h, weight, targets, chunk_size: int = 256):
     return LinearCrossEntropy.apply(h, weight, targets, chunk_size, torch.is_grad_enabled())
 
 
+def moe_forward(moe: MoE, x):
+    """The chapter's MoE.forward with every expert's tokens gathered into one padded batch: three
+    batched products for all the experts together, not three per expert, and no scan per expert.
+    With routing this balanced the padding (up to the busiest expert's count) costs little."""
+    h = x.flatten(0, 1)  # (N, hidden)
+    moe.router_logits, weights, chosen = moe.route(h)
+    w = moe.experts
+    E, k = w.gate_proj.size(0), chosen.size(1)
+    expert = chosen.flatten()  # (N k,): each routing slot's expert
+    order = expert.argsort(stable=True)  # the slots, grouped by expert
+    counts = torch.bincount(expert, minlength=E)  # (E,)
+    rank = torch.arange(len(order), device=h.device) - (counts.cumsum(0) - counts)[expert[order]]  # place in its group
+    slot = torch.full((E, int(counts.max())), -1, dtype=torch.long, device=h.device)  # (E, busiest): slots, -1 padding
+    slot[expert[order], rank] = order
+    real = slot >= 0
+    rows = h[slot.clamp(min=0) // k] * real[..., None]  # (E, busiest, hidden): each expert's tokens
+    a = F.silu(torch.bmm(rows, w.gate_proj.mT)) * torch.bmm(rows, w.up_proj.mT)  # (E, busiest, I)
+    out = torch.bmm(a, w.down_proj.mT) * weights.flatten()[slot.clamp(min=0)][..., None]  # (E, busiest, hidden)
+    return torch.zeros_like(h).index_add_(0, (slot // k)[real], out[real]).view_as(x)
+
+
 def hidden_states(model: Qwen3, input_ids, rope):
     """The chapter's model.model(input_ids) for training (no cache, no padding), in fewer kernels:
     F.rms_norm, whose fused kernel (on GPUs) replaces the chapter's five-op RMSNorm forward and
@@ -119,7 +140,7 @@ def hidden_states(model: Qwen3, input_ids, rope):
                                            is_causal=mask is None, dropout_p=p, enable_gqa=nkv != nh)  # (B, nh, T, hd)
         x = x + F.dropout(a.o_proj(y.transpose(1, 2).reshape(B, T, nh * hd)), p, model.training)
         h = F.rms_norm(x, (H,), layer.post_attention_layernorm.weight, eps)
-        x = x + F.dropout(mlp(h), p, model.training)
+        x = x + F.dropout(moe_forward(mlp, h) if isinstance(mlp, MoE) else mlp(h), p, model.training)
     return F.rms_norm(x, (H,), m.norm.weight, eps)
 
 
@@ -155,8 +176,10 @@ class FusedLoss(nn.Module):
         h = hidden_states(self.model, input_ids, self.rope[key])  # (B, T, hidden)
         chunk = chunk_rows(targets.numel(), self.model.config.vocab_size, self.budget)
         if chunk is None:  # as the chapter's Qwen3.forward
-            return F.cross_entropy(self.model.lm_head(h).flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
-        return linear_cross_entropy(h.flatten(0, 1), self.model.lm_head.weight, targets.flatten(), chunk)
+            loss = F.cross_entropy(self.model.lm_head(h).flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
+        else:
+            loss = linear_cross_entropy(h.flatten(0, 1), self.model.lm_head.weight, targets.flatten(), chunk)
+        return loss + self.model.aux_loss()  # a mixture of experts' load balancing, if on
 
 
 # %% 2. A preallocated KV cache
@@ -241,8 +264,9 @@ class DecodeLayer:
     o: torch.Tensor  # (n_head hd, hidden) in blocks
     o_bias: torch.Tensor | None
     post_norm: torch.Tensor  # (hidden,)
-    gate_up: torch.Tensor | tuple  # (hidden, 2 intermediate) in blocks: gate and up side by side
-    down: torch.Tensor  # (intermediate, hidden) in blocks
+    gate_up: torch.Tensor | tuple | None  # (hidden, 2 intermediate) in blocks: gate and up side by side
+    down: torch.Tensor | None  # (intermediate, hidden) in blocks
+    moe: MoE | None  # a sparse layer's router and experts, in place of gate_up and down
     window: int | None
 
 
@@ -255,7 +279,7 @@ class DecodeWeights:
     def matrices(self) -> list:
         """Every matrix in the order a step reads them (a tuple's one by one): for benchmarks."""
         ms = [m for layer in self.layers for m in (layer.qkv, layer.o, layer.gate_up, layer.down)] + [self.head]
-        return [p for m in ms for p in (m if isinstance(m, tuple) else (m,))]
+        return [p for m in ms if m is not None for p in (m if isinstance(m, tuple) else (m,))]  # (experts: per token)
 
 
 def project(h, w, bias=None):
@@ -309,8 +333,9 @@ def decode_weights(model: Qwen3, k: int, pack: bool) -> DecodeWeights:
             qkv_bias=torch.cat([p.bias for p in qkv]) if a.q_proj.bias is not None else None,
             qk_gain=torch.cat([a.q_norm.weight.expand(a.n_head, -1), a.k_norm.weight.expand(a.n_kv_head, -1)]),
             o=blocks(a.o_proj.weight), o_bias=a.o_proj.bias, post_norm=layer.post_attention_layernorm.weight,
-            gate_up=side_by_side(mlp.gate_proj.weight, mlp.up_proj.weight), down=blocks(mlp.down_proj.weight),
-            window=a.window))
+            gate_up=None if isinstance(mlp, MoE) else side_by_side(mlp.gate_proj.weight, mlp.up_proj.weight),
+            down=None if isinstance(mlp, MoE) else blocks(mlp.down_proj.weight),
+            moe=mlp if isinstance(mlp, MoE) else None, window=a.window))
     return DecodeWeights(layers, blocks(model.lm_head.weight), pack)
 
 
@@ -320,6 +345,17 @@ def rope_tables(config, length: int, device, dtype):
                             config.rope_scaling)
     half = config.head_dim // 2
     return cos, torch.cat((-sin[:, :half], sin[:, half:]), dim=-1)  # the sign rotate_half puts on x2
+
+
+def experts_step(moe: MoE, h):
+    """A sparse layer for one token per row, h (B, hidden): each row's k experts gathered from the
+    stacks by the router's choice (on the device: a CUDA graph replays it), their outputs weighted
+    and summed. (B, hidden)."""
+    _, weights, chosen = moe.route(h)  # (B, k)
+    B, k, w, e = h.size(0), chosen.size(1), moe.experts, chosen.flatten()
+    rows = h.repeat_interleave(k, dim=0)[:, None]  # (B k, 1, hidden)
+    a = F.silu(torch.bmm(rows, w.gate_proj[e].mT)) * torch.bmm(rows, w.up_proj[e].mT)  # (B k, 1, I)
+    return (torch.bmm(a, w.down_proj[e].mT).view(B, k, -1) * weights[..., None]).sum(1)
 
 
 class Generation:
@@ -354,7 +390,7 @@ def decode_step(model: Qwen3, w: DecodeWeights, token, gen: Generation, fixed: b
     B, H, hd, eps = token.size(0), c.hidden_size, c.head_dim, c.rms_norm_eps
     nh, nkv = c.num_attention_heads, c.num_key_value_heads
     slot = gen.slot if fixed else torch.tensor(cache.seen_tokens, device=token.device)  # () cache slot
-    position = slot - gen.pad  # (B,): each row counts its own tokens (the chapter's section 6)
+    position = slot - gen.pad  # (B,): each row counts its own tokens (the chapter's section 7)
     cos, sin = (t[position].view(B, 1, hd) for t in gen.rope)  # (B, 1, hd), broadcast over heads
     padded = fixed or cache.pad is not None
     keys_at = torch.arange(cache.keys[0].size(2), device=token.device)  # every slot of the cache
@@ -382,8 +418,11 @@ def decode_step(model: Qwen3, w: DecodeWeights, token, gen: Generation, fixed: b
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=nkv != nh)  # (B, nh, 1, hd)
         x += project(y.view(B, nh * hd), lw.o, lw.o_bias)  # (B, nh, 1, hd) is (B, nh hd) in memory
         h = F.rms_norm(x, (H,), lw.post_norm, eps)
-        gate, up = project(h, lw.gate_up).chunk(2, dim=-1)
-        x += project(F.silu(gate).mul_(up), lw.down)
+        if lw.moe is not None:
+            x += experts_step(lw.moe, h)
+        else:
+            gate, up = project(h, lw.gate_up).chunk(2, dim=-1)
+            x += project(F.silu(gate).mul_(up), lw.down)
     if fixed:
         gen.slot += 1
     else:
@@ -531,10 +570,11 @@ class FastMuon(Muon):
     def orthogonalize(self, updates, steps: int, dtype):
         if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
             return newton_schulz(updates, steps, dtype)
-        world, rank, n = torch.distributed.get_world_size(), torch.distributed.get_rank(), updates.size(0)
+        stack = updates.reshape(-1, *updates.shape[-2:])  # (n, rows, cols): every matrix, each expert's too
+        world, rank, n = torch.distributed.get_world_size(), torch.distributed.get_rank(), stack.size(0)
         per_rank = -(-n // world)
-        padded = F.pad(updates, (0, 0, 0, 0, 0, per_rank * world - n))  # (world * per_rank, rows, cols)
+        padded = F.pad(stack, (0, 0, 0, 0, 0, per_rank * world - n))  # (world * per_rank, rows, cols)
         mine = newton_schulz(padded[rank * per_rank:(rank + 1) * per_rank], steps, dtype)
         gathered = [torch.empty_like(mine) for _ in range(world)]
         torch.distributed.all_gather(gathered, mine.contiguous())
-        return torch.cat(gathered)[:n]
+        return torch.cat(gathered)[:n].view_as(updates)

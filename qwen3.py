@@ -6,11 +6,12 @@ Qwen3, from scratch, in one file: read it top to bottom.
      3. RoPE             how attention knows where a token is (and YaRN, to read past the trained length)
      4. Attention        grouped-query attention with QK-norm and an optional sliding window
      5. SwiGLU MLP       the feed-forward half of a block
-     6. The model        blocks stacked into Qwen3: logits and loss; prompts of different lengths
-     7. KV cache         decoding without recomputing the past
-     8. Sampling         temperature, top-k, top-p, and the generation loop
-     9. Checkpoints      Hugging Face's format, both ways
-    10. Optimizers       Muon for the hidden matrices, AdamW for the rest
+     6. Mixture of experts  a router and many small MLPs, k of them a token (Qwen3-MoE)
+     7. The model        blocks stacked into Qwen3: logits and loss; prompts of different lengths
+     8. KV cache         decoding without recomputing the past
+     9. Sampling         temperature, top-k, top-p, and the generation loop
+    10. Checkpoints      Hugging Face's format, both ways
+    11. Optimizers       Muon for the hidden matrices, AdamW for the rest
 
 This file is also the spec: given the same weights its logits equal those of transformers'
 `Qwen3ForCausalLM` (tests/test_qwen3.py), and module names are transformers' state-dict keys, so
@@ -23,7 +24,7 @@ Reference: Qwen Team, "Qwen3 Technical Report", 2025 (arXiv:2505.09388).
 
 import json
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -31,7 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 # %% 1. Configuration
-# A Qwen3 is a handful of integers. The field names are transformers' (section 9 reads and writes
+# A Qwen3 is a handful of integers. The field names are transformers' (section 10 reads and writes
 # its config.json). Two surprises: `head_dim` is its own field (Qwen3-0.6B has 16 heads of 128 =
 # 2048, against a hidden size of 1024), and there are fewer key/value heads than query heads.
 
@@ -57,6 +58,14 @@ class Qwen3Config:
     max_window_layers: int = 28  # layers i >= this slide (transformers' rule)
     layer_types: list[str] | None = None  # or explicitly, "full_attention"/"sliding_attention" per layer
     initializer_range: float = 0.02  # std of the random initial weights
+    num_experts: int = 0  # experts in each sparse layer (section 6); 0: a dense model, an MLP in every layer
+    num_experts_per_tok: int = 8  # k: the experts each token is routed to
+    moe_intermediate_size: int = 768  # width of one expert's MLP
+    norm_topk_prob: bool = False  # rescale a token's k routing weights to sum to 1
+    decoder_sparse_step: int = 1  # layer i is sparse when (i + 1) is a multiple of this ...
+    mlp_only_layers: list[int] = field(default_factory=list)  # ... and i is not listed here
+    router_aux_loss_coef: float = 0.001  # the weight of the load-balancing loss ...
+    output_router_logits: bool = False  # ... added to the loss when this is on (transformers' name)
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
     pad_token_id: int | None = None
@@ -83,6 +92,12 @@ class Qwen3Config:
                 raise ValueError(f"unknown layer type(s) {sorted(set(self.layer_types))}")
         if self.rope_scaling is not None:  # checked, and completed with its defaults, once
             self.rope_scaling = yarn_parameters(self.rope_scaling, self.max_position_embeddings)
+        if self.num_experts:
+            if not 1 <= self.num_experts_per_tok <= self.num_experts or self.decoder_sparse_step < 1:
+                raise ValueError(f"a mixture of experts needs 1 <= num_experts_per_tok ({self.num_experts_per_tok}) <= "
+                                 f"num_experts ({self.num_experts}) and decoder_sparse_step >= 1 ({self.decoder_sparse_step})")
+            if len({self.layer_window(i) for i in range(self.num_hidden_layers)}) > 1:
+                raise ValueError("a mixture of experts slides in every layer or in none (as transformers' Qwen3-MoE)")
 
     def layer_window(self, i: int) -> int | None:
         """The sliding window of layer i, or None if it sees the whole past."""
@@ -90,7 +105,13 @@ class Qwen3Config:
             return None
         if self.layer_types is not None:
             return self.sliding_window if self.layer_types[i] == "sliding_attention" else None
+        if self.num_experts:
+            return self.sliding_window  # transformers' Qwen3-MoE slides in every layer
         return self.sliding_window if i >= self.max_window_layers else None
+
+    def is_sparse(self, i: int) -> bool:
+        """Whether layer i is a mixture of experts rather than one MLP."""
+        return self.num_experts > 0 and i not in self.mlp_only_layers and (i + 1) % self.decoder_sparse_step == 0
 
     @classmethod
     def preset(cls, name: str, **overrides) -> "Qwen3Config":
@@ -108,11 +129,22 @@ PRESETS = {
     "cpu": dict(vocab_size=8192, hidden_size=128, intermediate_size=384, num_hidden_layers=4,
                 num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=256,
                 tie_word_embeddings=False),
+    # The dense cpu model with each MLP split into 8 experts of half its width, 2 per token: as many
+    # active parameters a token, four times the MLP parameters in all.
+    "cpu-moe": dict(vocab_size=8192, hidden_size=128, intermediate_size=384, num_hidden_layers=4,
+                    num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=256,
+                    tie_word_embeddings=False, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=192,
+                    norm_topk_prob=True, output_router_logits=True),
     # The real Qwen3-0.6B (its config.json on the hub).
     "qwen3-0.6b": dict(vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
                        num_attention_heads=16, num_key_value_heads=8, head_dim=128,
                        max_position_embeddings=40960, rope_theta=1_000_000.0, tie_word_embeddings=True,
                        bos_token_id=151643, eos_token_id=151645),
+    # The real Qwen3-30B-A3B (its config.json on the hub): 30B parameters, 3B active a token. For loading.
+    "qwen3-30b-a3b": dict(vocab_size=151936, hidden_size=2048, intermediate_size=6144, num_hidden_layers=48,
+                          num_attention_heads=32, num_key_value_heads=4, head_dim=128, max_position_embeddings=40960,
+                          rope_theta=1_000_000.0, tie_word_embeddings=False, num_experts=128, num_experts_per_tok=8,
+                          moe_intermediate_size=768, norm_topk_prob=True, bos_token_id=151643, eos_token_id=151645),
 }
 
 # %% 2. RMSNorm
@@ -235,7 +267,7 @@ def yarn_ramp(head_dim: int, theta: float, p: dict) -> torch.Tensor:
 
 def can_attend(q_pos, k_pos, window: int | None) -> torch.Tensor:
     """(..., Tq, Tk) bool for positions (..., Tq) and (..., Tk), True where a query may see a key:
-    not in its future, within the window if any. Negative positions are left padding (section 6):
+    not in its future, within the window if any. Negative positions are left padding (section 7):
     no token sees one, and a padding query sees only padding (its output is never used, but a
     softmax over no keys at all would be NaN)."""
     offset = q_pos[..., :, None] - k_pos[..., None, :]  # how far back each key lies
@@ -262,7 +294,7 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
 
     def forward(self, x, cos, sin, positions, cache=None):
-        """x (B, T, hidden) at positions (T,), or (B, T) when rows are left-padded (section 6)."""
+        """x (B, T, hidden) at positions (T,), or (B, T) when rows are left-padded (section 7)."""
         B, T, _ = x.shape
         q = self.q_norm(self.q_proj(x).view(B, T, self.n_head, self.head_dim)).transpose(1, 2)  # (B, nh, T, hd)
         k = self.k_norm(self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim)).transpose(1, 2)  # (B, nkv, T, hd)
@@ -290,17 +322,89 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, config: Qwen3Config):
+    def __init__(self, config: Qwen3Config, width: int | None = None):
         super().__init__()
-        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        width = width or config.intermediate_size
+        self.gate_proj = nn.Linear(config.hidden_size, width, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, width, bias=False)
+        self.down_proj = nn.Linear(width, config.hidden_size, bias=False)
 
     def forward(self, x):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
-# %% 6. The model
+# %% 6. Mixture of experts
+# Shazeer et al. 2017, "Outrageously Large Neural Networks": in place of one MLP, E smaller ones (the
+# experts) and a router that sends each token to k of them. The layer holds E experts' parameters
+# but each token pays for k: Qwen3-30B-A3B has 128 experts, 8 a token, 30B parameters, 3B active.
+# The router is a linear map to one logit per expert ("gate"); a softmax over them in fp32, the k
+# likeliest kept, their probabilities (renormalised to sum to 1 with norm_topk_prob) weighting the
+# chosen experts' outputs. Qwen3's experts are SwiGLU MLPs; it has no shared expert (Qwen2-MoE had).
+# Left alone, a router sends most tokens to the few experts that learned first, which then learn
+# fastest. The Switch Transformer's load-balancing loss (Fedus et al. 2021) pushes back: over all
+# sparse layers' tokens, E * sum_e f_e P_e, with f_e the fraction of routing slots expert e took
+# and P_e its mean router probability; uniform routing scores 1. It is added to the loss times
+# router_aux_loss_coef. engine.moe_forward computes the layer with tokens grouped by expert.
+
+
+class Experts(nn.Module):
+    """E SwiGLU MLPs, their weights stacked: expert e's gate_proj is gate_proj[e] (as transformers
+    holds them in memory; files hold one tensor per expert, section 10)."""
+
+    def __init__(self, config: Qwen3Config):
+        super().__init__()
+        E, H, I = config.num_experts, config.hidden_size, config.moe_intermediate_size
+        self.gate_proj, self.up_proj = nn.Parameter(torch.empty(E, I, H)), nn.Parameter(torch.empty(E, I, H))
+        self.down_proj = nn.Parameter(torch.empty(E, H, I))
+
+    def forward(self, h, e: int):
+        """Expert e's MLP on h (n, hidden)."""
+        return F.linear(F.silu(F.linear(h, self.gate_proj[e])) * F.linear(h, self.up_proj[e]), self.down_proj[e])
+
+
+class MoE(nn.Module):
+    """A sparse layer, in place of the MLP. Its last router logits stay in .router_logits (N, E): the
+    load-balancing loss and the expert-load statistics read them."""
+
+    def __init__(self, config: Qwen3Config):
+        super().__init__()
+        self.top_k, self.norm_topk_prob = config.num_experts_per_tok, config.norm_topk_prob
+        self.gate = nn.Linear(config.hidden_size, config.num_experts, bias=False)  # the router
+        self.experts = Experts(config)
+        self.router_logits = None
+
+    def route(self, h):
+        """h (N, hidden) -> router logits (N, E), and each token's k weights and experts (N, k)."""
+        logits = self.gate(h)
+        weights, chosen = logits.float().softmax(dim=-1).topk(self.top_k, dim=-1)
+        if self.norm_topk_prob:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        return logits, weights.to(h.dtype), chosen
+
+    def forward(self, x):
+        h = x.flatten(0, 1)  # (N, hidden): every token routed on its own
+        self.router_logits, weights, chosen = self.route(h)
+        y = torch.zeros_like(h)
+        for e in chosen.unique().tolist():  # each expert that received tokens, once, on all of them
+            token, slot = torch.where(chosen == e)
+            y.index_add_(0, token, self.experts(h[token], e) * weights[token, slot, None])
+        return y.view_as(x)
+
+
+def load_balancing_loss(router_logits: list, top_k: int, attention_mask=None):
+    """The Switch Transformer's auxiliary loss over the router logits (N, E) of every sparse layer;
+    attention_mask (B, T) leaves padding out."""
+    logits = torch.cat(router_logits)  # (layers * N, E)
+    keep = torch.ones(len(logits), device=logits.device) if attention_mask is None else \
+        attention_mask.flatten().float().repeat(len(router_logits))
+    probs = logits.float().softmax(dim=-1)
+    slots = F.one_hot(probs.topk(top_k, dim=-1).indices, logits.size(-1)).sum(1).float()  # (rows, E): k ones a row
+    f = (slots * keep[:, None]).sum(0) / keep.sum()  # slots each expert took, per token (sums to k)
+    P = (probs * keep[:, None]).sum(0) / keep.sum()  # mean router probability of each expert
+    return logits.size(-1) * (f * P).sum()
+
+
+# %% 7. The model
 # A pre-norm transformer (Xiong et al. 2020): each block normalises its input, computes a branch
 # (attention, then the MLP) and adds it to the residual stream, so gradients flow straight through
 # the additions from the loss to the embeddings. A final RMSNorm and a linear head turn the last
@@ -325,7 +429,7 @@ class Block(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.self_attn = Attention(config, layer_idx)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = MLP(config)
+        self.mlp = MoE(config) if config.is_sparse(layer_idx) else MLP(config)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x, cos, sin, positions, cache=None):
@@ -383,14 +487,15 @@ class Qwen3(nn.Module):
         # N(0, 0.02) everywhere, as transformers does; the two projections that write into the
         # residual stream get std / sqrt(2 * layers) (GPT-2), so the stream's variance does not grow
         # with depth. Gains start at one (RMSNorm).
+        std, out_std = config.initializer_range, config.initializer_range / math.sqrt(2 * config.num_hidden_layers)
         for name, module in self.named_modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
-                std = config.initializer_range
-                if name.endswith(("o_proj", "down_proj")):
-                    std /= math.sqrt(2 * config.num_hidden_layers)
-                nn.init.normal_(module.weight, mean=0.0, std=std)
+                nn.init.normal_(module.weight, mean=0.0, std=out_std if name.endswith(("o_proj", "down_proj")) else std)
                 if getattr(module, "bias", None) is not None:
                     nn.init.zeros_(module.bias)
+            elif isinstance(module, Experts):
+                for p in (module.gate_proj, module.up_proj, module.down_proj):
+                    nn.init.normal_(p, mean=0.0, std=out_std if p is module.down_proj else std)
 
     def forward(self, input_ids, targets=None, cache=None, attention_mask=None):
         """input_ids (B, T) -> logits (B, T, vocab). targets (B, T): the next tokens (-100: not
@@ -399,13 +504,21 @@ class Qwen3(nn.Module):
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
+            loss = loss + self.aux_loss(attention_mask)
         return logits, loss
+
+    def aux_loss(self, attention_mask=None):
+        """The load-balancing loss of the last forward pass, times its weight (0 for a dense model)."""
+        routers = [layer.mlp.router_logits for layer in self.model.layers if isinstance(layer.mlp, MoE)]
+        if not (routers and self.config.output_router_logits):
+            return 0.0
+        return self.config.router_aux_loss_coef * load_balancing_loss(routers, self.config.num_experts_per_tok, attention_mask)
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())  # a tied matrix is counted once
 
 
-# %% 7. KV cache
+# %% 8. KV cache
 # Generating token t+1 needs the keys and values of tokens 0..t, which never change once computed.
 # The cache keeps them per layer, so each new token costs one row of work, not a pass over the whole
 # sequence; positions go on from `seen_tokens`. A sliding layer only ever looks back W - 1 tokens,
@@ -435,7 +548,7 @@ class KVCache:
         return k, v
 
 
-# %% 8. Sampling
+# %% 9. Sampling
 # The model gives a distribution over the next token; decoding picks from it. Temperature sharpens
 # (< 1) or flattens (> 1) it, and 0 means always take the argmax (greedy). Top-k (Fan et al. 2018)
 # keeps the k likeliest tokens; top-p, "nucleus" (Holtzman et al. 2019), the fewest whose mass
@@ -489,7 +602,7 @@ def sample_next_token(logits, temperature=1.0, top_k=None, top_p=None, generator
 
 
 # Generation: feed the prompt once (the "prefill"), which fills the cache, then one token at a
-# time. A batch of prompts comes left-padded with its attention_mask (section 6). `decoder` is what
+# time. A batch of prompts comes left-padded with its attention_mask (section 7). `decoder` is what
 # computes the tokens: next_tokens below, or an engine.Engine, which computes the same tokens faster.
 
 
@@ -568,7 +681,7 @@ def stream(model: Qwen3, idx, max_new_tokens, temperature=1.0, top_k=None, top_p
     return tokens()
 
 
-# %% 9. Checkpoints in Hugging Face's format
+# %% 10. Checkpoints in Hugging Face's format
 # A checkpoint is a folder: config.json (section 1's fields, as transformers writes them) and the
 # weights in safetensors, which holds tensors only (no pickle: loading one cannot run code), in one
 # file or in shards listed by model.safetensors.index.json. A tied model stores the embedding once.
@@ -583,13 +696,25 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be loaded; the message is one line naming the file."""
 
 
+MOE_FIELDS = ("num_experts", "num_experts_per_tok", "moe_intermediate_size", "norm_topk_prob", "decoder_sparse_step",
+              "mlp_only_layers", "router_aux_loss_coef", "output_router_logits")
+HF_DEFAULTS = {  # transformers' defaults for what a config.json leaves out
+    "qwen3": dict(head_dim=128, rope_theta=10_000.0, max_position_embeddings=32768, tie_word_embeddings=False),
+    "qwen3_moe": dict(rope_theta=10_000.0, max_position_embeddings=32768, tie_word_embeddings=False, num_experts=128,
+                      num_experts_per_tok=8, moe_intermediate_size=768, norm_topk_prob=False, decoder_sparse_step=1,
+                      mlp_only_layers=[], router_aux_loss_coef=0.001, output_router_logits=False),
+}
+
+
 def config_to_dict(config: Qwen3Config) -> dict:
-    """config.json's contents, as transformers writes them."""
-    d = {k: v for k, v in asdict(config).items() if k != "dropout"}
+    """config.json's contents, as transformers writes them: Qwen3's, or Qwen3-MoE's with experts."""
+    moe = config.num_experts > 0
+    d = {k: v for k, v in asdict(config).items() if k != "dropout" and (moe or k not in MOE_FIELDS)}
     d["layer_types"] = ["full_attention" if config.layer_window(i) is None else "sliding_attention"
                         for i in range(config.num_hidden_layers)]
     rope = d["rope_scaling"] or {"rope_type": "default"}
-    return {"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "hidden_act": "silu", **d,
+    kind = ("Qwen3MoeForCausalLM", "qwen3_moe") if moe else ("Qwen3ForCausalLM", "qwen3")
+    return {"architectures": [kind[0]], "model_type": kind[1], "hidden_act": "silu", **d,
             "attention_dropout": config.dropout, "rope_parameters": {**rope, "rope_theta": config.rope_theta}}
 
 
@@ -597,8 +722,9 @@ def config_from_dict(d: dict) -> Qwen3Config:
     """A Qwen3Config from config.json's contents (ValueError or TypeError if they do not make one)."""
     if not isinstance(d, dict):
         raise ValueError(f"expected a JSON object, got {type(d).__name__}")
-    if d.get("model_type", "qwen3") != "qwen3":
-        raise ValueError(f"model_type is {d['model_type']!r}, not 'qwen3'")
+    model_type = d.get("model_type", "qwen3")
+    if model_type not in HF_DEFAULTS:
+        raise ValueError(f"model_type is {model_type!r}, not 'qwen3' or 'qwen3_moe'")
     if d.get("hidden_act", "silu") != "silu":
         raise ValueError(f"hidden_act {d['hidden_act']!r} is not supported (Qwen3 uses silu)")
     missing = [k for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
@@ -609,15 +735,16 @@ def config_from_dict(d: dict) -> Qwen3Config:
     if not isinstance(rope, dict):
         raise ValueError(f"rope_scaling / rope_parameters must be an object, got {rope!r}")
     rope_type = rope.get("rope_type", rope.get("type", "default"))  # "type": the oldest spelling
-    hf_defaults = dict(num_key_value_heads=d["num_attention_heads"], head_dim=128, rope_theta=10_000.0,
-                       max_position_embeddings=32768, tie_word_embeddings=False)  # transformers' Qwen3Config
-    kwargs = {**hf_defaults, **{k: v for k, v in d.items() if k in {f.name for f in fields(Qwen3Config)}}}
+    moe = model_type == "qwen3_moe"
+    known = {f.name for f in fields(Qwen3Config)} - ({"max_window_layers"} if moe else set(MOE_FIELDS))
+    d = {**d, "num_experts": d.get("num_experts", d.get("num_local_experts"))} if moe else d  # transformers 5 writes the latter
+    kwargs = {**HF_DEFAULTS[model_type], **{k: v for k, v in d.items() if k in known and v is not None}}
+    kwargs.setdefault("head_dim", d["hidden_size"] // d["num_attention_heads"])  # Qwen3-MoE's default
     kwargs["rope_theta"] = float(rope.get("rope_theta", kwargs["rope_theta"]))
     kwargs["rope_scaling"] = None if rope_type == "default" else {  # Qwen3Config refuses all but YaRN
         **{k: v for k, v in rope.items() if k not in ("type", "rope_theta")}, "rope_type": rope_type}
     kwargs["dropout"] = float(d.get("attention_dropout", 0.0))
-    if kwargs.get("num_key_value_heads") is None:
-        kwargs["num_key_value_heads"] = d["num_attention_heads"]
+    kwargs.setdefault("num_key_value_heads", d["num_attention_heads"])
     return Qwen3Config(**kwargs)
 
 
@@ -634,7 +761,8 @@ def read_config(path) -> Qwen3Config:
 def hf_config(config: Qwen3Config):
     """The same config as a transformers object (for its models; tests and benchmarks)."""
     import transformers
-    return transformers.Qwen3Config.from_dict(config_to_dict(config))
+    kind = transformers.Qwen3MoeConfig if config.num_experts else transformers.Qwen3Config
+    return kind.from_dict(config_to_dict(config))
 
 
 def load_state_dict(path) -> dict:
@@ -660,13 +788,28 @@ def load_state_dict(path) -> dict:
     return state
 
 
+def stack_experts(state: dict, config: Qwen3Config, path) -> dict:
+    """Files hold one tensor per expert, mlp.experts.{e}.{proj}.weight (out, in); the model holds each
+    sparse layer's experts stacked, mlp.experts.{proj} (E, out, in). Stacked in place."""
+    for i in filter(config.is_sparse, range(config.num_hidden_layers)):
+        for proj in ("gate_proj", "up_proj", "down_proj"):
+            keys = [f"model.layers.{i}.mlp.experts.{e}.{proj}.weight" for e in range(config.num_experts)]
+            absent = [k for k in keys if k not in state]
+            if absent:
+                raise CheckpointError(f"{path}: weights do not match config.json (missing {absent[:3]})")
+            if len({state[k].shape for k in keys}) > 1:
+                raise CheckpointError(f"{path}: the experts' {proj} of layer {i} differ in shape")
+            state[f"model.layers.{i}.mlp.experts.{proj}"] = torch.stack([state.pop(k) for k in keys])
+    return state
+
+
 def from_pretrained(path, dtype=None, device=None) -> Qwen3:
     """A transformers Qwen3 checkpoint folder as our model, in eval mode. dtype None: as stored."""
     path = Path(path)
     if not (path / "config.json").is_file():
         raise CheckpointError(f"{path}: not a checkpoint directory (no config.json)")
     config = read_config(path)
-    state = load_state_dict(path)
+    state = stack_experts(load_state_dict(path), config, path)
     with torch.device("meta"):  # shapes only: no time spent on random weights about to be replaced
         model = Qwen3(config)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
@@ -699,6 +842,9 @@ def save_pretrained(model: Qwen3, path, dtype=None):
     state = {k: v.detach().to("cpu", dtype or v.dtype).contiguous() for k, v in model.state_dict().items()}
     if model.config.tie_word_embeddings:
         del state["lm_head.weight"]  # stored once, as the embedding
+    for key in [k for k in state if ".mlp.experts." in k]:  # one tensor per expert, as transformers' files
+        folder, proj = key.rsplit(".", 1)
+        state.update({f"{folder}.{e}.{proj}.weight": w.clone() for e, w in enumerate(state.pop(key))})
     save_file(state, path / "model.safetensors", metadata={"format": "pt"})
     config = config_to_dict(model.config)
     config["dtype"] = config["torch_dtype"] = str(next(iter(state.values())).dtype).removeprefix("torch.")
@@ -708,7 +854,7 @@ def save_pretrained(model: Qwen3, path, dtype=None):
     (path / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
 
 
-# %% 10. Optimizers: Muon for the hidden matrices, AdamW for the rest
+# %% 11. Optimizers: Muon for the hidden matrices, AdamW for the rest
 # Muon (Keller Jordan 2024; the optimizer of the modded-nanogpt speedruns). SGD-momentum's updates
 # put most of their energy in a few directions. Muon replaces each weight matrix's momentum by the
 # nearest (semi-)orthogonal matrix, U V^T of its SVD, so that every direction moves at the same rate.
@@ -740,16 +886,17 @@ def zeropower_via_newtonschulz(G, steps: int = 5, eps: float = 1e-7, dtype=torch
 
 
 class Muon(torch.optim.Optimizer):
-    """MomentUm Orthogonalized by Newton-Schulz, for 2-D parameters. Matrices of one shape are
-    orthogonalised together, in one batched call. ns_dtype None: bf16 on GPUs, fp32 on CPUs."""
+    """MomentUm Orthogonalized by Newton-Schulz, for matrices: 2-D parameters, and 3-D stacks of
+    experts, each expert's matrix its own. Matrices of one shape are orthogonalised together, in one
+    batched call. ns_dtype None: bf16 on GPUs, fp32 on CPUs."""
 
     def __init__(self, params, lr=0.02, momentum=0.95, weight_decay=0.0, nesterov=True, ns_steps=5, ns_dtype=None):
         super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov,
                                       ns_steps=ns_steps, ns_dtype=ns_dtype))
         for group in self.param_groups:
             for p in group["params"]:
-                if p.ndim != 2:
-                    raise ValueError(f"Muon takes only 2-D parameters, got shape {tuple(p.shape)}")
+                if p.ndim < 2:
+                    raise ValueError(f"Muon takes matrices (or stacks of them), got shape {tuple(p.shape)}")
 
     def orthogonalize(self, updates, steps: int, dtype):
         """Newton-Schulz on a stack of updates (n, rows, cols)."""
@@ -773,10 +920,10 @@ class Muon(torch.optim.Optimizer):
                 if group["nesterov"]:  # look ahead: (1 - beta) g + beta buf
                     updates = torch.stack([g.lerp(b, group["momentum"]) for g, b in zip(grads, bufs)])
                 else:
-                    updates = torch.stack(bufs)  # (n, rows, cols)
+                    updates = torch.stack(bufs)  # (n, ..., rows, cols): a stack of experts is a batch of matrices
                 dtype = group["ns_dtype"] or (torch.float32 if updates.device.type == "cpu" else torch.bfloat16)
                 updates = self.orthogonalize(updates, group["ns_steps"], dtype)
-                scale = max(1.0, shape[0] / shape[1]) ** 0.5  # tall matrices: keep the update's RMS up
+                scale = max(1.0, shape[-2] / shape[-1]) ** 0.5  # tall matrices: keep the update's RMS up
                 torch._foreach_mul_(params, 1 - group["lr"] * group["weight_decay"])  # decoupled decay
                 torch._foreach_add_(params, list(updates.unbind(0)), alpha=-group["lr"] * scale)
         return loss
@@ -785,14 +932,19 @@ class Muon(torch.optim.Optimizer):
 def configure_optimizers(model: Qwen3, optimizer: str = "muon", lr: float = 3e-3, muon_lr: float = 0.02,
                          weight_decay: float = 0.1, betas=(0.9, 0.95), eps: float = 1e-8, muon=Muon):
     """The optimizers that train `model`, a list to step together. "muon": Muon (or the class given
-    as muon) on every 2-D matrix inside the blocks, AdamW on the embedding, head and gains; "adamw":
-    AdamW on everything. Weight decay goes to 2-D weights only: decaying gains and biases toward zero
-    only fights the normalisation. Each group records `base_lr`, which a schedule multiplies."""
+    as muon) on the matrices inside the blocks, AdamW on the embedding, the head, the routers and the
+    gains; "adamw": AdamW on everything. A router is, like the head, a classifier (of experts, not
+    tokens): Muon would equalise its logits' directions, which is not the point of it. Weight decay
+    goes to matrices only: decaying gains and biases toward zero only fights the normalisation.
+    Each group records `base_lr`, which a schedule multiplies."""
     if optimizer not in ("muon", "adamw"):
         raise ValueError(f"unknown optimizer {optimizer!r}; choose muon or adamw")
     params = {id(p): (name, p) for name, p in model.named_parameters()}.values()  # a tied matrix once
-    hidden = [p for name, p in params if p.ndim == 2 and name.startswith("model.layers.")]
-    decay = [p for name, p in params if p.ndim == 2 and not (optimizer == "muon" and name.startswith("model.layers."))]
+
+    def for_muon(name, p):
+        return optimizer == "muon" and p.ndim >= 2 and name.startswith("model.layers.") and ".mlp.gate." not in name
+    hidden = [p for name, p in params if for_muon(name, p)]
+    decay = [p for name, p in params if p.ndim >= 2 and not for_muon(name, p)]
     no_decay = [p for name, p in params if p.ndim < 2]
     groups = [dict(params=decay, weight_decay=weight_decay, base_lr=lr), dict(params=no_decay, weight_decay=0.0, base_lr=lr)]
     fused = dict(fused=True) if {p.device.type for p in model.parameters()} <= {"cpu", "cuda", "mps"} else {}  # one kernel for all tensors
