@@ -1,14 +1,14 @@
 """
 Sample text from a Qwen3 checkpoint: one of our training runs, or any Hugging Face Qwen3 folder.
 
-    python generate.py                                   # the interactive prompt (interactive.py) on out/
-    python generate.py --prompt "Once upon a time" -n 100 --num-samples 3
-    echo "Once upon a time" | python generate.py --prompt -
-    python generate.py --ckpt path/to/Qwen3-0.6B --chat  # chat through the tokenizer's chat template
-    python generate.py --prompt "The city of" --show-probs  # each token with its likeliest candidates
-    python generate.py --prompt "Once" --prompt "The sea"   # several prompts, decoded as one batch
-    python generate.py --prompt-file prompts.txt          # one prompt per line, one batch
-    python generate.py --prompt "Once" --no-engine        # every token through qwen3.py's loop
+    python generate.py                                      # the interactive prompt (interactive.py) on out/
+    python generate.py --prompt "And God said" -n 40 --num-samples 3
+    echo "In the beginning" | python generate.py --prompt -
+    python generate.py --prompt "The city of" -n 5 --show-probs     # each token with its likeliest candidates
+    python generate.py --prompt "And it came to pass" --prompt "He was born in"   # one padded batch
+    python generate.py --prompt-file prompts.txt -n 40      # one prompt per line, one batch
+    python generate.py --prompt "It is a species of" --no-engine    # every token through qwen3.py's loop
+    python generate.py --ckpt path/to/Qwen3-0.6B --chat    # chat through the tokenizer's chat template
 
 For one prompt, main() loads the checkpoint, encodes the prompt, keeps what fits the context, and
 qwen3.stream yields the new tokens (one pass over the prompt fills the KV cache, each later step

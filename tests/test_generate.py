@@ -12,6 +12,7 @@ import io
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -342,6 +343,48 @@ def test_one_engine_per_loaded_model(ckpt, capsys, monkeypatch):
     monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
     out, _ = run_main(capsys, "--ckpt", ckpt, "-n", 5)
     assert out.count(" tokens") >= 3 and len(made) == 3
+
+
+def usage_examples():
+    """The `python generate.py ...` lines of generate.py's docstring (which --help shows), as argv
+    lists, with the text an `echo ... |` line pipes in."""
+    examples = []
+    for line in generate.__doc__.splitlines():
+        command = line.split(" # ")[0].strip()
+        piped, _, command = command.rpartition("|")
+        if command.strip().startswith("python generate.py"):
+            examples.append((shlex.split(command)[2:], shlex.split(piped)[1:] if piped else []))
+    return examples
+
+
+def test_usage_examples_name_what_exists_and_suit_the_model(ckpt):
+    """Issue #20: the docstring sent newcomers to a prompts.txt that did not exist, with prompts
+    ("Once upon a time") unlike anything train.py's model reads. Every example parses, every file it
+    names is shipped, and its prompts are those of prompts.txt, which suit the embedded corpus
+    (Wikipedia summaries + the King James Bible)."""
+    shipped = (ROOT / "prompts.txt").read_text().splitlines()
+    assert shipped == ["And God said", "In the beginning", "And it came to pass", "The city of", "He was born in",
+                       "It is a species of"]
+    examples = usage_examples()
+    assert len(examples) >= 6
+    prompts = []
+    for argv, piped in examples:
+        args = generate.get_parser().parse_args(argv)
+        if args.prompt_file:
+            assert (ROOT / args.prompt_file).is_file(), argv
+        prompts += [p for p in args.prompt or [] if p != "-"] + piped
+    assert prompts and set(prompts) <= set(shipped), prompts
+
+
+def test_prompt_file_example_runs(ckpt, tok, hf):
+    """`--prompt-file prompts.txt`, as the docstring has it (run from the repository's root): one
+    greedy continuation per line of the file, decoded as one batch, each the one transformers gives."""
+    n = 6
+    result = run_script("--ckpt", ckpt, "--prompt-file", "prompts.txt", "-n", n, "--temperature", 0)
+    assert result.returncode == 0, result.stderr
+    shipped = (ROOT / "prompts.txt").read_text().splitlines()
+    want = [p + reference(hf, tok, p, n, {tok.eos_token_id}) for p in shipped]
+    assert result.stdout == "\n---------------\n".join(want) + "\n"
 
 
 def test_text_stream_prints_multibyte_characters_whole(tok):
