@@ -8,7 +8,9 @@ Sample text from a Qwen3 checkpoint: one of our training runs, or any Hugging Fa
     python generate.py --prompt "And it came to pass" --prompt "He was born in"   # one padded batch
     python generate.py --prompt-file prompts.txt -n 40      # one prompt per line, one batch
     python generate.py --prompt "It is a species of" --no-engine    # every token through qwen3.py's loop
-    python generate.py --ckpt path/to/Qwen3-0.6B --chat    # chat through the tokenizer's chat template
+
+The real Qwen3-0.6B: `hf download Qwen/Qwen3-0.6B --local-dir Qwen3-0.6B` (the CLI of huggingface_hub,
+which transformers brings), then `python generate.py --ckpt Qwen3-0.6B --chat`.
 
 For one prompt, main() loads the checkpoint, encodes the prompt, keeps what fits the context, and
 qwen3.stream yields the new tokens (one pass over the prompt fills the KV cache, each later step
@@ -30,15 +32,20 @@ from engine import Engine
 from qwen3 import CheckpointError, from_pretrained, generate, next_tokens, stream
 from sampling import RULES, Settings, check, make_generator, print_tokens, prompt_ids
 
+HF_DOWNLOAD = "hf download Qwen/Qwen3-0.6B --local-dir"  # the real Qwen3-0.6B, into a folder
+
 # -----------------------------------------------------------------------------
 # loading: the checkpoint, its tokenizer, and what ends a generation
 
 
-def find_checkpoint(path):
-    """A checkpoint folder holds config.json; a training run's folder holds best/ and last/ ones."""
-    hint = "train one with `python train.py`, or pass --ckpt DIR"
+def find_checkpoint(path, given):
+    """A checkpoint folder holds config.json; a training run's folder holds best/ and last/ ones.
+    given: the user named the path (--ckpt), so the hint is not to name one."""
+    hint = (f"to get Qwen3-0.6B there: `{HF_DOWNLOAD} {path}`" if given else
+            f"train one with `python train.py`, or pass --ckpt DIR; for Qwen3-0.6B: `{HF_DOWNLOAD} Qwen3-0.6B`, "
+            f"then --ckpt Qwen3-0.6B --chat")
     if not os.path.isdir(path):
-        raise UserError(f"no checkpoint found at {path} ({hint})")
+        raise UserError(f"no checkpoint at {path}: no such folder ({hint})")
     for folder in (path, os.path.join(path, "best"), os.path.join(path, "last")):
         if os.path.isfile(os.path.join(folder, "config.json")):
             return folder
@@ -72,7 +79,7 @@ def stop_ids(tokenizer, model, ckpt):
 
 def load(args):
     """(the checkpoint's folder, the model in eval mode, its tokenizer, the token ids that end a generation)"""
-    ckpt = find_checkpoint(args.ckpt)
+    ckpt = find_checkpoint(args.ckpt or "out", given=args.ckpt is not None)
     device = pick_device(args.device)
     model = from_pretrained(ckpt, dtype=pick_dtype(args.dtype, device), device=device)  # first: it vets config.json
     tokenizer = load_tokenizer(ckpt, local_only=True)
@@ -177,8 +184,9 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
 
 def get_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    p.add_argument("--ckpt", default="out", help="checkpoint folder (config.json, model.safetensors, tokenizer files: "
-                   "any Hugging Face Qwen3 folder) or a training run's folder (uses its best/, else its last/)")
+    p.add_argument("--ckpt", default=None, help="checkpoint folder (config.json, model.safetensors, tokenizer files: "
+                   "any Hugging Face Qwen3 folder) or a training run's folder (uses its best/, else its last/); "
+                   "without it, out (where train.py writes)")
     p.add_argument("--prompt", default=None, action="append", help='generate from this prompt, print and exit ("-" '
                    'reads it from stdin, "" samples unconditionally); repeat it for several prompts, decoded as '
                    'one batch; without it (or --prompt-file), open the interactive prompt')

@@ -361,7 +361,7 @@ def test_usage_examples_name_what_exists_and_suit_the_model(ckpt):
     """Issue #20: the docstring sent newcomers to a prompts.txt that did not exist, with prompts
     ("Once upon a time") unlike anything train.py's model reads. Every example parses, every file it
     names is shipped, and its prompts are those of prompts.txt, which suit the embedded corpus
-    (Wikipedia summaries + the King James Bible)."""
+    (Wikipedia summaries + the King James Bible). How to get the real Qwen3-0.6B is said."""
     shipped = (ROOT / "prompts.txt").read_text().splitlines()
     assert shipped == ["And God said", "In the beginning", "And it came to pass", "The city of", "He was born in",
                        "It is a species of"]
@@ -374,6 +374,7 @@ def test_usage_examples_name_what_exists_and_suit_the_model(ckpt):
             assert (ROOT / args.prompt_file).is_file(), argv
         prompts += [p for p in args.prompt or [] if p != "-"] + piped
     assert prompts and set(prompts) <= set(shipped), prompts
+    assert "hf download Qwen/Qwen3-0.6B --local-dir Qwen3-0.6B" in generate.get_parser().format_help()
 
 
 def test_prompt_file_example_runs(ckpt, tok, hf):
@@ -810,7 +811,20 @@ def test_no_checkpoint_says_how_to_train_one(tmp_path, capsys, monkeypatch):
     with pytest.raises(SystemExit) as exit:
         run_main(capsys, "--prompt", PROMPT)
     assert exit.value.code != 0
-    assert_one_line_error(capsys.readouterr().err, "no checkpoint", "python train.py")
+    assert_one_line_error(capsys.readouterr().err, "no checkpoint", "python train.py", "--ckpt DIR",
+                          "hf download Qwen/Qwen3-0.6B --local-dir Qwen3-0.6B")
+
+
+def test_missing_ckpt_given_says_how_to_get_qwen3(tmp_path, capsys):
+    """Issue #20: `--ckpt path/to/Qwen3-0.6B` answered "... or pass --ckpt DIR", which had been done.
+    Now the line says how to put Qwen3-0.6B there, and nothing about --ckpt."""
+    path = tmp_path / "path" / "to" / "Qwen3-0.6B"
+    with pytest.raises(SystemExit) as exit:
+        run_main(capsys, "--ckpt", path, "--prompt", PROMPT)
+    assert exit.value.code != 0
+    err = capsys.readouterr().err
+    assert_one_line_error(err, f"no checkpoint at {path}", f"hf download Qwen/Qwen3-0.6B --local-dir {path}")
+    assert "--ckpt" not in err and "train.py" not in err
 
 
 def test_not_a_checkpoint(tmp_path, capsys):
