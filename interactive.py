@@ -80,14 +80,23 @@ class Session:
         self.model, self.tokenizer, self.stop, self.decoder = model, tokenizer, stop, decoder
         self.settings, self.chat, self.show_prompt = settings, chat, show_prompt
         self.generator = make_generator(model.lm_head.weight.device, settings.seed)
+        self.seeded_state = self.generator.get_state()  # once it differs, the seed no longer says what comes next
         self.history = []  # with --chat: the messages so far
         self.last_ids = None  # the last prompt as the model got it, for /tokens
 
     def settings_line(self):
         settings = self.settings
         return (f"settings: /temp {settings.temperature} /topk {settings.top_k} /topp {settings.top_p} "
-                f"/n {settings.max_new_tokens} /seed {'random' if settings.seed is None else settings.seed} /probs {on_off(settings.show_probs)}"
+                f"/n {settings.max_new_tokens} /seed {self.seed_words()} /probs {on_off(settings.show_probs)}"
                 + (f" /think {on_off(settings.think)}" if self.chat else ""))
+
+    def seed_words(self):
+        seed = self.settings.seed
+        if seed is None:
+            return "random"
+        if torch.equal(self.generator.get_state(), self.seeded_state):
+            return str(seed)
+        return f"{seed} (the sampler has drawn since it was set: /seed {seed} starts it again)"
 
     def command(self, line):
         """Apply one /command; True means quit. A bad one raises UserError."""
@@ -126,6 +135,7 @@ class Session:
             setattr(settings, key, value)
             if key == "seed":
                 self.generator.manual_seed(value)
+                self.seeded_state = self.generator.get_state()
             print(self.settings_line())
         else:
             raise UserError(f"unknown command {name}; /help lists the commands")

@@ -452,6 +452,21 @@ def test_interactive_seed_command_reseeds(ckpt, capsys, monkeypatch):
     assert replies[0] == replies[1] != replies[2]
 
 
+def test_settings_tell_the_truth_about_the_seed(ckpt, capsys, monkeypatch):
+    """Issue #20: /settings showed /seed 3 after generations had drawn from the sampler, as if the
+    next one would repeat the first. Once it has drawn the line says so, and that /seed 3 starts it
+    again (which is checked); a greedy generation draws nothing."""
+    lines = iter(["/settings", PROMPT, "/settings", "/seed 3", PROMPT, "/seed 3", "/temp 0", PROMPT, "/settings",
+                  "/quit"])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
+    out, _ = run_main(capsys, "--ckpt", ckpt, "-n", 20, "--temperature", 1, "--top-k", 0, "--top-p", 1, "--seed", 3)
+    seeds = re.findall(r"^settings: /temp \S+ /topk \S+ /topp \S+ /n \d+ /seed (.*) /probs off$", out, re.M)
+    drawn = "3 (the sampler has drawn since it was set: /seed 3 starts it again)"
+    assert seeds == ["3", "3", drawn, "3", "3", "3", "3"]
+    replies = re.findall(r"/probs off\n(.*?)\n\[\d+ tokens", out, re.S)
+    assert len(replies) == 3 and replies[0] == replies[1]
+
+
 # -----------------------------------------------------------------------------
 # interactive prompt through a pseudo-terminal
 
