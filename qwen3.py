@@ -98,6 +98,8 @@ class Qwen3Config:
                                  f"num_experts ({self.num_experts}) and decoder_sparse_step >= 1 ({self.decoder_sparse_step})")
             if len({self.layer_window(i) for i in range(self.num_hidden_layers)}) > 1:
                 raise ValueError("a mixture of experts slides in every layer or in none (as transformers' Qwen3-MoE)")
+            if self.layer_types is not None:  # Qwen3-MoE has no per-layer types: use_sliding_window says it all
+                self.use_sliding_window, self.layer_types = self.layer_window(0) is not None, None
 
     def layer_window(self, i: int) -> int | None:
         """The sliding window of layer i, or None if it sees the whole past."""
@@ -709,9 +711,11 @@ HF_DEFAULTS = {  # transformers' defaults for what a config.json leaves out
 def config_to_dict(config: Qwen3Config) -> dict:
     """config.json's contents, as transformers writes them: Qwen3's, or Qwen3-MoE's with experts."""
     moe = config.num_experts > 0
-    d = {k: v for k, v in asdict(config).items() if k != "dropout" and (moe or k not in MOE_FIELDS)}
-    d["layer_types"] = ["full_attention" if config.layer_window(i) is None else "sliding_attention"
-                        for i in range(config.num_hidden_layers)]
+    d = {k: v for k, v in asdict(config).items() if k not in (("dropout", "max_window_layers", "layer_types")
+                                                               if moe else ("dropout", *MOE_FIELDS))}
+    if not moe:
+        d["layer_types"] = ["full_attention" if config.layer_window(i) is None else "sliding_attention"
+                            for i in range(config.num_hidden_layers)]
     rope = d["rope_scaling"] or {"rope_type": "default"}
     kind = ("Qwen3MoeForCausalLM", "qwen3_moe") if moe else ("Qwen3ForCausalLM", "qwen3")
     return {"architectures": [kind[0]], "model_type": kind[1], "hidden_act": "silu", **d,
@@ -736,7 +740,7 @@ def config_from_dict(d: dict) -> Qwen3Config:
         raise ValueError(f"rope_scaling / rope_parameters must be an object, got {rope!r}")
     rope_type = rope.get("rope_type", rope.get("type", "default"))  # "type": the oldest spelling
     moe = model_type == "qwen3_moe"
-    known = {f.name for f in fields(Qwen3Config)} - ({"max_window_layers"} if moe else set(MOE_FIELDS))
+    known = {f.name for f in fields(Qwen3Config)} - ({"max_window_layers", "layer_types"} if moe else set(MOE_FIELDS))
     d = {**d, "num_experts": d.get("num_experts", d.get("num_local_experts"))} if moe else d  # transformers 5 writes the latter
     kwargs = {**HF_DEFAULTS[model_type], **{k: v for k, v in d.items() if k in known and v is not None}}
     kwargs.setdefault("head_dim", d["hidden_size"] // d["num_attention_heads"])  # Qwen3-MoE's default
