@@ -142,8 +142,9 @@ class Session:
         return False
 
     def reply(self, line):
-        """Stream the continuation of a line (with --chat, the model's reply to it), then a line of
-        numbers. An empty line is a prompt too: unconditional samples, or an empty message."""
+        """Stream what follows a line: the prompt, echoed, then its continuation on the same line so
+        that it reads on from what was typed; with --chat the model's reply, on its own. Then a line
+        of numbers. An empty line is a prompt too: unconditional samples, or an empty message."""
         if self.chat:
             self.history.append({"role": "user", "content": line})
         settings = self.settings
@@ -154,7 +155,7 @@ class Session:
                         temperature=settings.temperature, top_k=settings.top_k, top_p=settings.top_p,
                         eos_token_id=self.stop, generator=self.generator, with_probs=settings.show_probs,
                         decoder=self.decoder)
-        new, first, seconds, interrupted = print_tokens(tokens, self.tokenizer, ids, echo=False,
+        new, first, seconds, interrupted = print_tokens(tokens, self.tokenizer, ids, echo=not self.chat,
                                                         probs=settings.show_probs)
         print("\n[stopped]" if interrupted else "")
         if self.chat:

@@ -467,6 +467,18 @@ def test_settings_tell_the_truth_about_the_seed(ckpt, capsys, monkeypatch):
     assert len(replies) == 3 and replies[0] == replies[1]
 
 
+def test_interactive_continuation_reads_on_from_the_prompt(ckpt, hf, tok, capsys, monkeypatch):
+    """Issue #20: the continuation started a new line, often with the space that joins it to the
+    prompt (" on the mat"). The prompt is echoed and continued on its line, as --prompt prints it."""
+    want = PROMPT + reference(hf, tok, PROMPT, 12, {tok.eos_token_id})
+    lines = iter([PROMPT, "/quit"])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
+    out, _ = run_main(capsys, "--ckpt", ckpt, "-n", 12, "--temperature", 0)
+    assert re.search(r"/probs off\n(.*?)\n\[\d+ tokens", out, re.S).group(1) == want
+    one_shot, _ = run_main(capsys, "--ckpt", ckpt, "--prompt", PROMPT, "-n", 12, "--temperature", 0)
+    assert one_shot == want + "\n"
+
+
 # -----------------------------------------------------------------------------
 # interactive prompt through a pseudo-terminal
 
@@ -485,8 +497,8 @@ def test_interactive_session(long_ckpt, hf, tok):
     child.expect_exact("> ")
     child.sendline(PROMPT)
     child.expect(r"\[(\d+) tokens, [\d.]+ tokens/s")
-    shown = child.before.replace("\r", "").split("\n", 1)[1]  # after the echoed prompt line
-    want = reference(hf, tok, PROMPT, 12, {tok.eos_token_id})
+    shown = child.before.replace("\r", "").split("\n", 1)[1]  # after the line the terminal echoed
+    want = PROMPT + reference(hf, tok, PROMPT, 12, {tok.eos_token_id})  # the prompt, continued on its line
     assert shown.rstrip("\n") == want.replace("\r", "").rstrip("\n")
     child.expect_exact("> ")
     for command in ("/temp 0.5", "/topk 7", "/seed 3"):
@@ -646,12 +658,12 @@ def test_interactive_probs(ckpt, tok, hf):
     def generation():
         child.sendline(PROMPT)
         child.expect(r"\[\d+ tokens")
-        lines = child.before.replace("\r", "").split("\n")[1:]  # after the echoed prompt
+        lines = child.before.replace("\r", "").split("\n")[1:]  # after the line the terminal echoed
         child.expect_exact("> ")
         rows = [parse_probs_line(line, ids) for line in lines[:n]]
         drawn = [d for d, _, _ in rows]
         assert all(d == marked for d, _, marked in rows)
-        assert "\n".join(lines[n:]).strip("\n") == continuation(tok, prompt, prompt + drawn).strip("\n")
+        assert "\n".join(lines[n:]).strip("\n") == (PROMPT + continuation(tok, prompt, prompt + drawn)).strip("\n")
         logits = hf(torch.tensor([prompt + drawn])).logits[0, len(prompt) - 1:-1]  # (n, vocab)
         return drawn, [c for _, c, _ in rows], logits
 
@@ -691,7 +703,7 @@ def test_interactive_probs(ckpt, tok, hf):
     child.sendline(PROMPT)
     child.expect(r"\[\d+ tokens")
     shown = child.before.replace("\r", "").split("\n", 1)[1]
-    assert shown.rstrip("\n") == continuation(tok, prompt, prompt + greedy).rstrip("\n")
+    assert shown.rstrip("\n") == (PROMPT + continuation(tok, prompt, prompt + greedy)).rstrip("\n")
     child.expect_exact("> ")  # the session goes on
     child.sendline("/quit")
     child.expect(pexpect.EOF)
