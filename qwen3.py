@@ -1,24 +1,21 @@
 """
 Qwen3, from scratch, in one file: read it top to bottom.
 
-     1. Configuration    every number that defines a Qwen3
-     2. RMSNorm          the normalisation used everywhere
-     3. RoPE             how attention knows where a token is (and YaRN, to read past the trained length)
-     4. Attention        grouped-query attention with QK-norm and an optional sliding window
-     5. SwiGLU MLP       the feed-forward half of a block
-     6. Mixture of experts  a router and many small MLPs, k of them a token (Qwen3-MoE)
-     7. The model        blocks stacked into Qwen3: logits and loss; prompts of different lengths
-     8. KV cache         decoding without recomputing the past
-     9. Sampling         temperature, top-k, top-p, and the generation loop
-    10. Checkpoints      Hugging Face's format, both ways
-    11. Optimizers       Muon for the hidden matrices, AdamW for the rest
+     1. Configuration       every number that defines a Qwen3
+     2. RMSNorm             the normalisation used everywhere
+     3. RoPE                where a token is; YaRN, to read past the trained length
+     4. Attention           grouped-query, with QK-norm and optional sliding windows
+     5. SwiGLU MLP          the feed-forward half of a block
+     6. Mixture of experts  a router and many small MLPs (Qwen3-MoE)
+     7. The model           blocks stacked into Qwen3: logits, loss, padded batches
+     8. KV cache            decoding without recomputing the past
+     9. Sampling            temperature, top-k, top-p, and the generation loop
+    10. Checkpoints         Hugging Face's format, both ways
+    11. Optimizers          Muon for the hidden matrices, AdamW for the rest
 
-This file is also the spec: given the same weights its logits equal those of transformers'
-`Qwen3ForCausalLM` (tests/test_qwen3.py), and module names are transformers' state-dict keys, so
-real checkpoints load with `strict=True`. Everything here is written to be read; engine.py computes
-the same things faster (a fused loss, a preallocated cache, a one-token decoding step, CUDA graphs,
-Muon's fast paths), each switched on by one explicit call in the scripts and tested equal to this.
-
+It is also the spec: with the same weights its logits equal transformers' Qwen3ForCausalLM and
+Qwen3MoeForCausalLM (tests/), and its module names are their state-dict keys. engine.py computes
+the same things faster, each switched on by one explicit call in the scripts.
 Reference: Qwen Team, "Qwen3 Technical Report", 2025 (arXiv:2505.09388).
 """
 
@@ -32,9 +29,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 # %% 1. Configuration
-# A Qwen3 is a handful of integers. The field names are transformers' (section 10 reads and writes
-# its config.json). Two surprises: `head_dim` is its own field (Qwen3-0.6B has 16 heads of 128 =
-# 2048, against a hidden size of 1024), and there are fewer key/value heads than query heads.
+# A Qwen3 is a handful of numbers, named as transformers names them. Two surprises: `head_dim` is its
+# own field (Qwen3-0.6B: 16 heads of 128 = 2048, hidden size 1024), and there are fewer key/value
+# heads than query heads.
 
 
 @dataclass
@@ -71,35 +68,11 @@ class Qwen3Config:
     pad_token_id: int | None = None
 
     def __post_init__(self):
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                     "num_attention_heads", "num_key_value_heads", "head_dim", "max_position_embeddings"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if self.num_attention_heads % self.num_key_value_heads:
-            raise ValueError(f"num_attention_heads ({self.num_attention_heads}) must be a multiple "
-                             f"of num_key_value_heads ({self.num_key_value_heads})")
-        if self.head_dim % 2:
-            raise ValueError(f"head_dim must be even for RoPE, got {self.head_dim}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
-        if self.use_sliding_window and not (isinstance(self.sliding_window, int) and self.sliding_window >= 1):
-            raise ValueError(f"sliding_window must be a positive integer, got {self.sliding_window!r}")
-        if self.layer_types is not None:
-            if len(self.layer_types) != self.num_hidden_layers:
-                raise ValueError(f"layer_types has {len(self.layer_types)} entries for {self.num_hidden_layers} layers")
-            if set(self.layer_types) - {"full_attention", "sliding_attention"}:
-                raise ValueError(f"unknown layer type(s) {sorted(set(self.layer_types))}")
-        if self.rope_scaling is not None:  # checked, and completed with its defaults, once
+        check_config(self)  # every field's type and range (section 10: a config.json may hold anything)
+        if self.rope_scaling is not None:  # completed with YaRN's defaults, once (section 3)
             self.rope_scaling = yarn_parameters(self.rope_scaling, self.max_position_embeddings)
-        if self.num_experts:
-            if not 1 <= self.num_experts_per_tok <= self.num_experts or self.decoder_sparse_step < 1:
-                raise ValueError(f"a mixture of experts needs 1 <= num_experts_per_tok ({self.num_experts_per_tok}) <= "
-                                 f"num_experts ({self.num_experts}) and decoder_sparse_step >= 1 ({self.decoder_sparse_step})")
-            if len({self.layer_window(i) for i in range(self.num_hidden_layers)}) > 1:
-                raise ValueError("a mixture of experts slides in every layer or in none (as transformers' Qwen3-MoE)")
-            if self.layer_types is not None:  # Qwen3-MoE has no per-layer types: use_sliding_window says it all
-                self.use_sliding_window, self.layer_types = self.layer_window(0) is not None, None
+        if self.num_experts and self.layer_types is not None:  # Qwen3-MoE has no per-layer types
+            self.use_sliding_window, self.layer_types = self.layer_window(0) is not None, None
 
     def layer_window(self, i: int) -> int | None:
         """The sliding window of layer i, or None if it sees the whole past."""
@@ -123,37 +96,29 @@ class Qwen3Config:
 
 
 PRESETS = {
-    # The upstream "seed" model: small enough to train on one GPU in minutes, big enough to write English.
-    "seed": dict(vocab_size=49152, hidden_size=384, intermediate_size=1536, num_hidden_layers=6,
-                 num_attention_heads=8, num_key_value_heads=4, head_dim=48, max_position_embeddings=512),
-    # What a laptop CPU trains best in ten minutes: a small model shown many tokens (Hoffmann et al.
-    # 2022, "Chinchilla"). train.py sizes its vocabulary to the tokenizer it trains.
-    "cpu": dict(vocab_size=8192, hidden_size=128, intermediate_size=384, num_hidden_layers=4,
-                num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=256,
-                tie_word_embeddings=False),
-    # The dense cpu model with each MLP split into 8 experts of half its width, 2 per token: as many
-    # active parameters a token, four times the MLP parameters in all.
-    "cpu-moe": dict(vocab_size=8192, hidden_size=128, intermediate_size=384, num_hidden_layers=4,
-                    num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=256,
-                    tie_word_embeddings=False, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=192,
-                    norm_topk_prob=True, output_router_logits=True),
-    # The real Qwen3-0.6B (its config.json on the hub).
+    # The upstream "seed" model: small enough for one GPU in minutes, big enough to write English.
+    "seed": dict(vocab_size=49152, hidden_size=384, intermediate_size=1536, num_hidden_layers=6, num_attention_heads=8,
+                 num_key_value_heads=4, head_dim=48, max_position_embeddings=512),
+    # What a laptop CPU trains best in ten minutes: small, shown many tokens (Hoffmann et al. 2022).
+    "cpu": dict(vocab_size=8192, hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=32, max_position_embeddings=256, tie_word_embeddings=False),
+    # The real Qwen3-0.6B, and Qwen3-30B-A3B (30B parameters, 3B active a token; for loading).
     "qwen3-0.6b": dict(vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
-                       num_attention_heads=16, num_key_value_heads=8, head_dim=128,
-                       max_position_embeddings=40960, rope_theta=1_000_000.0, tie_word_embeddings=True,
-                       bos_token_id=151643, eos_token_id=151645),
-    # The real Qwen3-30B-A3B (its config.json on the hub): 30B parameters, 3B active a token. For loading.
+                       num_attention_heads=16, num_key_value_heads=8, head_dim=128, max_position_embeddings=40960,
+                       rope_theta=1e6, tie_word_embeddings=True, bos_token_id=151643, eos_token_id=151645),
     "qwen3-30b-a3b": dict(vocab_size=151936, hidden_size=2048, intermediate_size=6144, num_hidden_layers=48,
                           num_attention_heads=32, num_key_value_heads=4, head_dim=128, max_position_embeddings=40960,
-                          rope_theta=1_000_000.0, tie_word_embeddings=False, num_experts=128, num_experts_per_tok=8,
+                          rope_theta=1e6, tie_word_embeddings=False, num_experts=128, num_experts_per_tok=8,
                           moe_intermediate_size=768, norm_topk_prob=True, bos_token_id=151643, eos_token_id=151645),
 }
+# cpu with each MLP as 8 experts of half its width, 2 a token: as many active parameters, 4x the MLPs'.
+PRESETS["cpu-moe"] = dict(PRESETS["cpu"], num_experts=8, num_experts_per_tok=2, moe_intermediate_size=192,
+                          norm_topk_prob=True, output_router_logits=True)
 
 # %% 2. RMSNorm
-# Zhang & Sennrich 2019, "Root Mean Square Layer Normalization": LayerNorm without the mean. Scale
-# each vector to unit root-mean-square, then multiply by a learned gain; cheaper, and as stable.
-# The statistic is taken in fp32 even for bf16 activations: a sum of thousands of bf16 squares
-# keeps few of its digits.
+# Zhang & Sennrich 2019: LayerNorm without the mean. Scale each vector to unit root-mean-square,
+# then multiply by a learned gain; cheaper, and as stable. The statistic is taken in fp32 even for
+# bf16 activations: a sum of thousands of bf16 squares keeps few of its digits.
 
 
 class RMSNorm(nn.Module):
@@ -169,12 +134,11 @@ class RMSNorm(nn.Module):
 
 
 # %% 3. RoPE: rotary position embeddings
-# Su et al. 2021, "RoFormer". Attention alone is blind to order. RoPE rotates every query and key
-# by an angle proportional to its position, one pair of dimensions at a time, pair i at frequency
-# theta^(-2i/d). The dot product of two rotated vectors then depends only on their offset: relative
-# positions, with nothing stored. Qwen3 pairs dimension i with i + d/2 ("rotate half"). Angles are
-# computed in fp32 from integer positions: bf16 keeps 8 bits, so at position 1000 a bf16 angle
-# could be off by 2 radians.
+# Su et al. 2021, "RoFormer". Attention alone is blind to order. RoPE rotates each query and key by
+# an angle proportional to its position, pair of dimensions by pair, pair i at frequency
+# theta^(-2i/d): the dot product of two rotated vectors then depends only on their offset. Qwen3
+# pairs dimension i with i + d/2 ("rotate half"). Angles are computed in fp32 from integer
+# positions: in bf16 (8 bits) an angle at position 1000 could be off by 2 radians.
 
 
 def rope_cos_sin(positions, head_dim: int, theta: float, dtype=torch.float32, rope_scaling=None):
@@ -197,13 +161,11 @@ def apply_rope(x, cos, sin):
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
 
-# YaRN (Peng et al. 2023) is how Qwen3 reads past the L tokens it was trained on (32k to 128k with
-# factor s = 4). Past L the slow pairs reach angles training never showed; dividing every frequency
-# by s (position interpolation, Chen et al. 2023) keeps them in range but blurs the fast pairs that
-# tell neighbours apart. YaRN keeps pairs that turn more than beta_fast (32) times within L, divides
-# those that turn fewer than beta_slow (1) times by s, and blends those between linearly. Longer
-# contexts also flatten the softmax, so q and k are scaled by 0.1 ln(s) + 1 (through cos and sin).
-# Nothing is learned: a checkpoint gains YaRN by an entry in its config.json.
+# YaRN (Peng et al. 2023) is how Qwen3 reads past the L tokens it was trained on (32k to 128k, factor
+# s = 4). Past L the slow pairs reach angles training never showed; dividing every frequency by s
+# (Chen et al. 2023) blurs the fast pairs that tell neighbours apart. YaRN keeps pairs that turn more
+# than beta_fast (32) times within L, divides those that turn fewer than beta_slow (1) times by s,
+# blends those between, and scales q and k by 0.1 ln(s) + 1 (longer contexts flatten the softmax).
 
 YARN_KEYS = ("rope_type", "factor", "original_max_position_embeddings", "attention_factor", "beta_fast",
              "beta_slow", "mscale", "mscale_all_dim", "truncate")
@@ -211,32 +173,28 @@ YARN_KEYS = ("rope_type", "factor", "original_max_position_embeddings", "attenti
 
 def yarn_parameters(p: dict, max_position_embeddings: int) -> dict:
     """A YaRN rope_scaling dict, checked and completed with transformers' defaults (ValueError if bad)."""
-    if not isinstance(p, dict):
-        raise ValueError(f"rope_scaling must be an object, got {p!r}")
-    if p.get("rope_type") != "yarn":
-        raise ValueError(f"RoPE type {p.get('rope_type')!r} is not supported (only 'default' and 'yarn')")
+    if not isinstance(p, dict) or p.get("rope_type") != "yarn":
+        raise ValueError(f"RoPE type {p.get('rope_type') if isinstance(p, dict) else p!r} is not supported "
+                         f"(only 'default' and 'yarn')")
     if set(p) - set(YARN_KEYS):
         raise ValueError(f"unknown YaRN parameter(s) {', '.join(sorted(set(p) - set(YARN_KEYS)))}")
 
     def number(name, default=None):
         value = default if p.get(name) is None else p[name]
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
             raise ValueError(f"YaRN {name} must be a positive number, got {p.get(name)!r}")
         return float(value)
-
     factor, original = number("factor"), number("original_max_position_embeddings", max_position_embeddings)
     beta_fast, beta_slow, truncate = number("beta_fast", 32.0), number("beta_slow", 1.0), p.get("truncate", True)
     if factor < 1 or original != int(original) or beta_fast <= beta_slow or not isinstance(truncate, bool):
-        raise ValueError(f"YaRN needs factor >= 1, an integer original_max_position_embeddings, beta_fast > "
-                         f"beta_slow and a true/false truncate; got {factor:g}, {original:g}, {beta_fast:g}, "
-                         f"{beta_slow:g}, {truncate!r}")
+        raise ValueError(f"YaRN needs factor >= 1, an integer original_max_position_embeddings, beta_fast > beta_slow "
+                         f"and a true/false truncate; got {factor:g}, {original:g}, {beta_fast:g}, {beta_slow:g}, {truncate!r}")
 
     def mscale(m):  # the paper's sqrt(1/t) = 0.1 ln(s) + 1, with DeepSeek's optional multiplier m
         return 0.1 * m * math.log(factor) + 1.0
-    if p.get("attention_factor") is None and p.get("mscale") and p.get("mscale_all_dim"):
-        attention = mscale(number("mscale")) / mscale(number("mscale_all_dim"))
-    else:
-        attention = number("attention_factor", mscale(1.0))
+    use_mscales = p.get("attention_factor") is None and p.get("mscale") and p.get("mscale_all_dim")
+    attention = mscale(number("mscale")) / mscale(number("mscale_all_dim")) if use_mscales else \
+        number("attention_factor", mscale(1.0))
     return dict(rope_type="yarn", factor=factor, original_max_position_embeddings=int(original),
                 attention_factor=attention, beta_fast=beta_fast, beta_slow=beta_slow, truncate=truncate)
 
@@ -256,15 +214,13 @@ def yarn_ramp(head_dim: int, theta: float, p: dict) -> torch.Tensor:
 
 
 # %% 4. Attention: grouped-query, QK-norm, optional sliding window
-# Scaled dot-product attention (Vaswani et al. 2017) with three refinements Qwen3 uses:
-# - Grouped-query attention (Ainslie et al. 2023): n_head query heads share n_kv_head key/value
-#   heads (query head h reads kv head h // (n_head / n_kv_head)), so the KV cache shrinks by that
-#   factor at almost no cost in quality. One kv head is multi-query attention (Shazeer 2019).
-# - QK-norm (Dehghani et al. 2023; new in Qwen3): an RMSNorm over head_dim on every query and key
-#   head before RoPE bounds the attention logits, which keeps training stable at high learning rates.
-# - Sliding windows (Beltagy et al. 2020; Jiang et al. 2023, Mistral): a layer may see only the W
-#   latest tokens, so its cost and cache stay bounded. Off in Qwen3's releases; configurable.
-# F.scaled_dot_product_attention does the softmax in one fused kernel and handles GQA itself.
+# Scaled dot-product attention (Vaswani et al. 2017) with three refinements:
+# - Grouped-query attention (Ainslie et al. 2023): query head h reads kv head h // (n_head / n_kv),
+#   so the KV cache shrinks by that factor at almost no cost in quality (1 kv head: Shazeer 2019).
+# - QK-norm (Dehghani et al. 2023; new in Qwen3): RMSNorm on every query and key head before RoPE
+#   bounds the attention logits, which keeps training stable at high learning rates.
+# - Sliding windows (Beltagy et al. 2020; Mistral 2023): a layer sees only the W latest tokens, its
+#   cost and cache bounded. Off in Qwen3's releases; configurable.
 
 
 def can_attend(q_pos, k_pos, window: int | None) -> torch.Tensor:
@@ -318,35 +274,31 @@ class Attention(nn.Module):
 
 
 # %% 5. SwiGLU MLP
-# Shazeer 2020, "GLU Variants Improve Transformer". Instead of up-project, ReLU, down-project, a
-# SiLU-activated "gate" projection multiplies a second, linear "up" projection elementwise: a third
-# matrix, for a better loss per FLOP.
+# Shazeer 2020, "GLU Variants Improve Transformer": a SiLU-activated "gate" projection multiplies a
+# linear "up" projection elementwise, then "down": a third matrix, for a better loss per FLOP.
 
 
 class MLP(nn.Module):
-    def __init__(self, config: Qwen3Config, width: int | None = None):
+    def __init__(self, config: Qwen3Config):
         super().__init__()
-        width = width or config.intermediate_size
-        self.gate_proj = nn.Linear(config.hidden_size, width, bias=False)
-        self.up_proj = nn.Linear(config.hidden_size, width, bias=False)
-        self.down_proj = nn.Linear(width, config.hidden_size, bias=False)
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
 # %% 6. Mixture of experts
-# Shazeer et al. 2017, "Outrageously Large Neural Networks": in place of one MLP, E smaller ones (the
-# experts) and a router that sends each token to k of them. The layer holds E experts' parameters
-# but each token pays for k: Qwen3-30B-A3B has 128 experts, 8 a token, 30B parameters, 3B active.
-# The router is a linear map to one logit per expert ("gate"); a softmax over them in fp32, the k
-# likeliest kept, their probabilities (renormalised to sum to 1 with norm_topk_prob) weighting the
-# chosen experts' outputs. Qwen3's experts are SwiGLU MLPs; it has no shared expert (Qwen2-MoE had).
-# Left alone, a router sends most tokens to the few experts that learned first, which then learn
+# Shazeer et al. 2017: in place of one MLP, E small ones (experts) and a router that sends each
+# token to k of them, so a layer holds E experts' parameters while a token pays for k (Qwen3-30B-A3B:
+# 128 experts, 8 a token; 30B parameters, 3B active). The router ("gate") gives one logit per
+# expert; softmax in fp32, the k likeliest kept, their probabilities (renormalised with
+# norm_topk_prob) weighting the chosen experts' outputs. No shared expert (Qwen2-MoE had one).
+# Left alone, a router sends most tokens to the experts that learned first, which then learn
 # fastest. The Switch Transformer's load-balancing loss (Fedus et al. 2021) pushes back: over all
-# sparse layers' tokens, E * sum_e f_e P_e, with f_e the fraction of routing slots expert e took
-# and P_e its mean router probability; uniform routing scores 1. It is added to the loss times
-# router_aux_loss_coef. engine.moe_forward computes the layer with tokens grouped by expert.
+# sparse layers' tokens, E sum_e f_e P_e, f_e the share of routing slots expert e took, P_e its mean
+# router probability (uniform routing scores k). engine.moe_forward groups the tokens by expert.
 
 
 class Experts(nn.Module):
@@ -409,14 +361,15 @@ def load_balancing_loss(router_logits: list, top_k: int, attention_mask=None):
 # %% 7. The model
 # A pre-norm transformer (Xiong et al. 2020): each block normalises its input, computes a branch
 # (attention, then the MLP) and adds it to the residual stream, so gradients flow straight through
-# the additions from the loss to the embeddings. A final RMSNorm and a linear head turn the last
-# residual state into next-token logits. Prompts of different lengths share a batch left-padded,
-# with transformers' attention_mask (1 for a token, 0 for padding): each row's positions count from
-# its own first token, the padding sits at negative positions, and can_attend hides it.
+# from the loss to the embeddings; a final RMSNorm and a linear head give next-token logits. Prompts
+# of different lengths share a batch left-padded, with transformers' attention_mask (1: token, 0:
+# padding): each row counts positions from its first token, and can_attend hides the padding.
 
 
-def left_padding(attention_mask) -> torch.Tensor:
-    """(B, T) mask of 1 (token) and 0 (padding) -> (B,) how many padding tokens open each row."""
+def left_padding(attention_mask, shape) -> torch.Tensor:
+    """(B, T) mask of 1 (token) and 0 (padding) for input_ids of `shape` -> (B,) padding tokens a row."""
+    if attention_mask.shape != shape:
+        raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, the tokens {tuple(shape)}")
     if not ((attention_mask == 0) | (attention_mask == 1)).all():
         raise ValueError("attention_mask must hold only 0 (padding) and 1 (token)")
     real = attention_mask.bool()
@@ -453,10 +406,7 @@ class Qwen3Model(nn.Module):
         """attention_mask (B, T): 1 for tokens, 0 for left padding. With a cache it goes with the
         first call (the prompt) only: the cache keeps each row's padding, later tokens are real."""
         start = cache.seen_tokens if cache is not None else 0  # positions go on after the cache's
-        if attention_mask is not None and attention_mask.shape != input_ids.shape:
-            raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, "
-                             f"input_ids {tuple(input_ids.shape)}")
-        pad = left_padding(attention_mask) if attention_mask is not None else None  # (B,)
+        pad = left_padding(attention_mask, input_ids.shape) if attention_mask is not None else None  # (B,)
         if cache is not None:
             if pad is not None and start:
                 raise ValueError("attention_mask goes with the first call on a cache: padding opens a sequence")
@@ -521,10 +471,9 @@ class Qwen3(nn.Module):
 
 
 # %% 8. KV cache
-# Generating token t+1 needs the keys and values of tokens 0..t, which never change once computed.
-# The cache keeps them per layer, so each new token costs one row of work, not a pass over the whole
-# sequence; positions go on from `seen_tokens`. A sliding layer only ever looks back W - 1 tokens,
-# so it keeps no more: its memory stays bounded however long the generation runs.
+# Token t+1 needs the keys and values of tokens 0..t, which never change once computed: the cache
+# keeps them per layer, so each new token costs one row of work, not a pass over the sequence. A
+# sliding layer keeps only the W - 1 its next query can see: bounded memory however long it runs.
 # engine.StaticKVCache allocates the whole length once and writes in place (the same keys).
 
 
@@ -551,11 +500,10 @@ class KVCache:
 
 
 # %% 9. Sampling
-# The model gives a distribution over the next token; decoding picks from it. Temperature sharpens
-# (< 1) or flattens (> 1) it, and 0 means always take the argmax (greedy). Top-k (Fan et al. 2018)
-# keeps the k likeliest tokens; top-p, "nucleus" (Holtzman et al. 2019), the fewest whose mass
-# reaches p. Both cut the long tail of unlikely tokens that derails samples. The order is
-# transformers': temperature, top-k, top-p.
+# The model gives a distribution over the next token. Temperature sharpens (< 1) or flattens (> 1)
+# it, 0 takes the argmax (greedy); top-k (Fan et al. 2018) keeps the k likeliest tokens and top-p
+# (Holtzman et al. 2019) the fewest whose mass reaches p, cutting the tail that derails samples.
+# The order is transformers': temperature, top-k, top-p.
 
 
 def top_k_filter(logits, k: int | None):
@@ -617,11 +565,8 @@ def check_decoding(idx, max_new_tokens, temperature, top_k, top_p, attention_mas
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
     top_p_filter(top_k_filter(next_token_probs(torch.zeros(1, 1), temperature), top_k), top_p)  # their checks
-    if attention_mask is not None:
-        if attention_mask.shape != idx.shape:
-            raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, the prompt {tuple(idx.shape)}")
-        if not attention_mask[:, -1].all():  # left padding ends every row with a token
-            raise ValueError("every row of attention_mask must end with a token (1): left padding only")
+    if attention_mask is not None and not left_padding(attention_mask, idx.shape).lt(idx.size(1)).all():
+        raise ValueError("every row of attention_mask needs a token (1)")
 
 
 @torch.no_grad()
@@ -684,18 +629,55 @@ def stream(model: Qwen3, idx, max_new_tokens, temperature=1.0, top_k=None, top_p
 
 
 # %% 10. Checkpoints in Hugging Face's format
-# A checkpoint is a folder: config.json (section 1's fields, as transformers writes them) and the
-# weights in safetensors, which holds tensors only (no pickle: loading one cannot run code), in one
-# file or in shards listed by model.safetensors.index.json. A tied model stores the embedding once.
-# Our parameter names are transformers', so nothing is renamed: a downloaded Qwen3-0.6B runs here,
-# and the models trained here run in transformers.
-# config.json's wrinkles: where it is silent, transformers' defaults apply, not section 1's; RoPE is
-# `rope_theta` + `rope_scaling` in transformers 4 and `rope_parameters` in 5, so we write both and
+# A checkpoint is a folder: config.json and the weights in safetensors, tensors only (no pickle:
+# loading cannot run code), in one file or in shards. The names are transformers', so nothing is
+# renamed (experts aside: files hold one tensor per expert): a downloaded Qwen3 runs here, and ours
+# run in transformers. config.json's wrinkles: where it is silent, transformers' defaults apply;
+# RoPE is rope_theta + rope_scaling in transformers 4 and rope_parameters in 5: we write both, and
 # read as transformers 5 does (a non-empty rope_scaling wins; a theta it lacks comes from rope_theta).
 
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be loaded; the message is one line naming the file."""
+
+
+def check_config(c: Qwen3Config):
+    """Every field's type and range, and how the fields fit together: a ValueError naming the first
+    that does not. A config.json can hold anything; a string where a boolean belongs must not read as
+    true, nor a NaN theta as a number."""
+    def need(names: str, ok, what: str):
+        for name in names.split():
+            if not ok(getattr(c, name)):
+                raise ValueError(f"{name} must be {what}, got {getattr(c, name)!r}")
+
+    def integer(v, lo=0):
+        return isinstance(v, int) and not isinstance(v, bool) and lo <= v < 2**31
+
+    def number(v, hi=math.inf):
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < hi
+    need("vocab_size hidden_size intermediate_size num_hidden_layers num_attention_heads num_key_value_heads "
+         "head_dim max_position_embeddings num_experts_per_tok moe_intermediate_size decoder_sparse_step",
+         lambda v: integer(v, 1), "an integer in [1, 2**31)")
+    need("num_experts max_window_layers", integer, "an integer in [0, 2**31)")
+    need("rope_theta rms_norm_eps initializer_range", lambda v: number(v) and v > 0, "a finite number > 0")
+    need("dropout", lambda v: number(v, 1.0), "a number in [0, 1)")
+    need("router_aux_loss_coef", number, "a finite number >= 0")
+    need("tie_word_embeddings attention_bias use_sliding_window norm_topk_prob output_router_logits",
+         lambda v: isinstance(v, bool), "true or false")
+    need("sliding_window", lambda v: integer(v, 1) or (v is None and not c.use_sliding_window), "a positive integer")
+    need("layer_types", lambda v: v is None or (isinstance(v, list) and len(v) == c.num_hidden_layers and set(v) <= {
+        "full_attention", "sliding_attention"}), f"null or {c.num_hidden_layers} of 'full_attention'/'sliding_attention'")
+    need("mlp_only_layers", lambda v: isinstance(v, list) and all(integer(i) for i in v), "a list of layer indices")
+    need("bos_token_id pad_token_id", lambda v: v is None or integer(v), "null or a token id")
+    need("eos_token_id", lambda v: v is None or integer(v) or (isinstance(v, list) and all(map(integer, v))),
+         "null, a token id or a list of them")
+    if c.num_attention_heads % c.num_key_value_heads or c.head_dim % 2:
+        raise ValueError(f"num_attention_heads ({c.num_attention_heads}) must be a multiple of num_key_value_heads "
+                         f"({c.num_key_value_heads}), and head_dim ({c.head_dim}) even for RoPE")
+    if c.num_experts and c.num_experts_per_tok > c.num_experts:
+        raise ValueError(f"num_experts_per_tok ({c.num_experts_per_tok}) must be at most num_experts ({c.num_experts})")
+    if c.num_experts and len({c.layer_window(i) for i in range(c.num_hidden_layers)}) > 1:
+        raise ValueError("a mixture of experts slides in every layer or in none (as transformers' Qwen3-MoE)")
 
 
 MOE_FIELDS = ("num_experts", "num_experts_per_tok", "moe_intermediate_size", "norm_topk_prob", "decoder_sparse_step",
@@ -753,9 +735,8 @@ def config_from_dict(d: dict) -> Qwen3Config:
 
 
 def read_config(path) -> Qwen3Config:
-    """A checkpoint's config.json (a file, or the folder holding it), as CheckpointError if unusable."""
-    path = Path(path)
-    path = path / "config.json" if path.is_dir() else path
+    """A checkpoint's config.json (the file, or its folder); CheckpointError if unusable."""
+    path = Path(path) / "config.json" if Path(path).is_dir() else Path(path)
     try:
         return config_from_dict(json.loads(path.read_text()))
     except (ValueError, TypeError, OSError) as e:  # JSONDecodeError is a ValueError
@@ -769,26 +750,23 @@ def hf_config(config: Qwen3Config):
     return kind.from_dict(config_to_dict(config))
 
 
-def load_state_dict(path) -> dict:
-    """Every tensor of a checkpoint folder, on the CPU, as stored."""
+def load_state_dict(path: Path) -> dict:
+    """Every tensor of a checkpoint folder, on the CPU, as stored: one file, or the shards of an index."""
     from safetensors.torch import load_file
-    path = Path(path)
     index = path / "model.safetensors.index.json"
-    if index.exists():
-        try:
-            files = [path / s for s in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
-        except (ValueError, KeyError, AttributeError) as e:
-            raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from None
-    elif (path / "model.safetensors").exists():
-        files = [path / "model.safetensors"]
-    else:
+    try:
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else \
+            ["model.safetensors"] if (path / "model.safetensors").exists() else None
+    except (ValueError, KeyError, AttributeError, TypeError) as e:
+        raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from None
+    if files is None:
         raise CheckpointError(f"{path}: no model.safetensors or model.safetensors.index.json")
     state = {}
     for file in files:
         try:
-            state.update(load_file(file))
+            state.update(load_file(path / file))
         except Exception as e:  # safetensors raises several types for truncated or garbled files
-            raise CheckpointError(f"{file}: unreadable safetensors file ({' '.join(str(e).split()) or type(e).__name__})") from None
+            raise CheckpointError(f"{path / file}: unreadable safetensors file ({' '.join(str(e).split()) or type(e).__name__})") from None
     return state
 
 
@@ -859,16 +837,13 @@ def save_pretrained(model: Qwen3, path, dtype=None):
 
 
 # %% 11. Optimizers: Muon for the hidden matrices, AdamW for the rest
-# Muon (Keller Jordan 2024; the optimizer of the modded-nanogpt speedruns). SGD-momentum's updates
-# put most of their energy in a few directions. Muon replaces each weight matrix's momentum by the
-# nearest (semi-)orthogonal matrix, U V^T of its SVD, so that every direction moves at the same rate.
-# An SVD is slow; five steps of a quintic Newton-Schulz iteration approximate it with matmuls. Its
-# coefficients push every singular value into roughly (0.5, 1.5) as fast as possible rather than
-# exactly to 1, which trains as well. The reference runs it in bf16, fast on GPUs; CPUs without
-# bf16 units emulate that much slower than fp32, so there it runs in fp32.
-# Muon is for 2-D matrices inside the network. The embedding (a lookup, not a linear map), the
-# output head and the 1-D gains go to AdamW (Loshchilov & Hutter 2019, decoupled weight decay).
-# engine.FastMuon orthogonalises the same way with fewer FLOPs, and splits the work across ranks.
+# Muon (Keller Jordan 2024; the modded-nanogpt speedruns). SGD-momentum's updates put most of their
+# energy in a few directions; Muon replaces each matrix's momentum by the nearest (semi-)orthogonal
+# matrix, U V^T of its SVD, so every direction moves at the same rate. Five steps of a quintic
+# Newton-Schulz iteration approximate it with matmuls, pushing the singular values into roughly
+# (0.5, 1.5), which trains as well as exactly 1. bf16 on GPUs; fp32 on CPUs, which emulate bf16.
+# The embedding (a lookup), the head and the gains go to AdamW (Loshchilov & Hutter 2019).
+# engine.FastMuon computes the same with fewer FLOPs, and splits the work across ranks.
 
 
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)  # a, b, c: the quintic a x + b x^3 + c x^5 applied to each singular value
@@ -907,11 +882,7 @@ class Muon(torch.optim.Optimizer):
         return zeropower_via_newtonschulz(updates, steps, dtype=dtype)
 
     @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+    def step(self):
         for group in self.param_groups:
             by_shape = {}
             for p in group["params"]:
@@ -930,7 +901,6 @@ class Muon(torch.optim.Optimizer):
                 scale = max(1.0, shape[-2] / shape[-1]) ** 0.5  # tall matrices: keep the update's RMS up
                 torch._foreach_mul_(params, 1 - group["lr"] * group["weight_decay"])  # decoupled decay
                 torch._foreach_add_(params, list(updates.unbind(0)), alpha=-group["lr"] * scale)
-        return loss
 
 
 def configure_optimizers(model: Qwen3, optimizer: str = "muon", lr: float = 3e-3, muon_lr: float = 0.02,

@@ -216,11 +216,13 @@ def test_static_cache_with_padding_matches_full_forward_and_transformers(data, m
 
 
 def test_left_padding_helper():
-    assert left_padding(torch.tensor([[0, 0, 1], [1, 1, 1], [0, 1, 1]])).tolist() == [2, 0, 1]
+    assert left_padding(torch.tensor([[0, 0, 1], [1, 1, 1], [0, 1, 1]]), (3, 3)).tolist() == [2, 0, 1]
     with pytest.raises(ValueError, match="left padding"):
-        left_padding(torch.tensor([[1, 0, 1]]))
+        left_padding(torch.tensor([[1, 0, 1]]), (1, 3))
     with pytest.raises(ValueError, match="only 0"):
-        left_padding(torch.tensor([[0, 2]]))
+        left_padding(torch.tensor([[0, 2]]), (1, 2))
+    with pytest.raises(ValueError, match="shape"):
+        left_padding(torch.tensor([[0, 1]]), (1, 3))
 
 
 # %% float16 and its overflow guard
@@ -280,7 +282,8 @@ def test_float16_decoding_stays_close_to_float32(model_pair):
     (dict(top_k=-1), "top_k"),
     (dict(top_p=0.0), "top_p"),
     (dict(attention_mask=torch.ones(1, 2, dtype=torch.long)), "shape"),
-    (dict(attention_mask=torch.tensor([[1, 1, 0]])), "end with a token"),
+    (dict(attention_mask=torch.tensor([[1, 1, 0]])), "left padding"),
+    (dict(attention_mask=torch.tensor([[0, 0, 0]])), "needs a token"),
 ])
 def test_generate_and_stream_refuse_bad_input_up_front(kwargs, match, model_pair):
     _, ours = model_pair(seed=0)
