@@ -535,7 +535,7 @@ def next_token_probs(logits, temperature=1.0, top_k=None, top_p=None):
     if not temperature >= 0:  # refuses nan too
         raise ValueError(f"temperature must be >= 0, got {temperature}")
     logits = logits.float()
-    if temperature == 0:
+    if temperature == 0 or 1 / temperature > torch.finfo(torch.float32).max:  # (1 / 1e-300 is no float32)
         return F.one_hot(logits.argmax(dim=-1), logits.size(-1)).float()
     # the best logit shifted to 0 before dividing: a tiny temperature then sends the others to -inf,
     # never the best to +inf, so its limit is greedy, as it should be
@@ -545,6 +545,8 @@ def next_token_probs(logits, temperature=1.0, top_k=None, top_p=None):
 
 def sample_next_token(logits, temperature=1.0, top_k=None, top_p=None, generator=None, probs=None):
     """logits (B, vocab) -> next token ids (B,). probs: their next_token_probs, if computed already."""
+    if not torch.isfinite(logits).all():  # else greedy emits token 0, and sampling fails deep in multinomial
+        raise FloatingPointError("the model produced NaN or infinite logits: its weights are broken, or overflowed")
     if temperature == 0:
         return logits.argmax(dim=-1)  # greedy draws no random numbers
     probs = next_token_probs(logits, temperature, top_k, top_p) if probs is None else probs
@@ -725,11 +727,13 @@ def config_from_dict(d: dict) -> Qwen3Config:
     known = {f.name for f in fields(Qwen3Config)} - ({"max_window_layers", "layer_types"} if moe else set(MOE_FIELDS))
     d = {**d, "num_experts": d.get("num_experts", d.get("num_local_experts"))} if moe else d  # transformers 5 writes the latter
     kwargs = {**HF_DEFAULTS[model_type], **{k: v for k, v in d.items() if k in known and v is not None}}
-    kwargs.setdefault("head_dim", d["hidden_size"] // d["num_attention_heads"])  # Qwen3-MoE's default
-    kwargs["rope_theta"] = float(rope.get("rope_theta", kwargs["rope_theta"]))
+    if "head_dim" not in kwargs:  # Qwen3-MoE's default (a wrong type is check_config's to name)
+        h, n = d["hidden_size"], d["num_attention_heads"]
+        kwargs["head_dim"] = h // n if isinstance(h, int) and isinstance(n, int) and n > 0 else None
+    kwargs["rope_theta"] = rope.get("rope_theta", kwargs["rope_theta"])
     kwargs["rope_scaling"] = None if rope_type == "default" else {  # Qwen3Config refuses all but YaRN
         **{k: v for k, v in rope.items() if k not in ("type", "rope_theta")}, "rope_type": rope_type}
-    kwargs["dropout"] = float(d.get("attention_dropout", 0.0))
+    kwargs["dropout"] = d.get("attention_dropout", 0.0)
     kwargs.setdefault("num_key_value_heads", d["num_attention_heads"])
     return Qwen3Config(**kwargs)
 
