@@ -9,16 +9,15 @@ it cannot run code) and the step, schedule and flags in training_state.json, whi
 the .pt file's SHA-256: a file that does not match is refused before it is even opened.
 
 A save never touches the previous checkpoint until the new one is complete: it writes .NAME.tmp/,
-flushes it to disk, renames NAME/ to .NAME.old/, renames .NAME.tmp/ to NAME/, then deletes the
-old one. A crash at any moment leaves a complete checkpoint under one of those names, and
-`recover` (run at start) puts the newest one back in place.
+and common.publish flushes it to disk, renames NAME/ to .NAME.old/, renames .NAME.tmp/ to NAME/,
+then deletes the old one. A crash at any moment leaves a complete checkpoint under one of those
+names, and `recover` (run at start) puts the newest one back in place.
 
 One run owns OUT/ at a time: before it touches anything there it takes an exclusive OS lock on
 OUT/.lock and holds it to the end, so a second train.py on the same folder is refused, naming the
 first. generate.py takes no lock: it reads best/ or last/, which a save replaces in one rename.
 """
 
-import hashlib
 import json
 import os
 import shutil
@@ -27,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from common import one_line, publish, sha256
 from qwen3 import CheckpointError, Qwen3, save_pretrained
 
 try:
@@ -84,26 +84,9 @@ def recover(out: Path):
         shutil.rmtree(old, ignore_errors=True)
 
 
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def fsync_dir(path: Path):
-    if os.name == "posix":  # a rename is durable only once its directory is flushed
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
 def save_checkpoint(out: Path, name: str, model: Qwen3, tokenizer, state: dict | None = None, info: dict | None = None):
     """OUT/NAME/: the model and tokenizer, and with `state` (tensors) and `info` (JSON) what --resume needs."""
-    final, tmp, old = out / name, out / f".{name}.tmp", out / f".{name}.old"
+    final, tmp = out / name, out / f".{name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         save_pretrained(model, tmp)
@@ -112,21 +95,10 @@ def save_checkpoint(out: Path, name: str, model: Qwen3, tokenizer, state: dict |
             torch.save(state, tmp / "training_state.pt")
             info = {**info, "training_state_sha256": sha256(tmp / "training_state.pt")}
             (tmp / "training_state.json").write_text(json.dumps(info, indent=2) + "\n")
-        for f in tmp.iterdir():
-            with open(f, "ab") as fh:  # "ab": a writable handle that changes nothing
-                os.fsync(fh.fileno())
-        fsync_dir(tmp)
-        if final.exists():
-            os.rename(final, old)
-        os.rename(tmp, final)
-        fsync_dir(out)
+        publish(tmp, final, replace=True)
     except Exception as e:  # disk full, permissions, ...: whatever it is, the old checkpoint stays
         shutil.rmtree(tmp, ignore_errors=True)
-        if old.exists() and not final.exists():
-            os.rename(old, final)
-        reason = " ".join(str(e).split()) or type(e).__name__
-        raise CheckpointError(f"saving {final} failed ({reason}); the previous checkpoint is intact") from None
-    shutil.rmtree(old, ignore_errors=True)
+        raise CheckpointError(f"saving {final} failed ({one_line(e)}); the previous checkpoint is intact") from None
 
 
 def read_training_info(last: Path) -> dict:
@@ -155,4 +127,4 @@ def load_training_state(last: Path, info: dict) -> dict:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)  # tensors and plain containers only
     except Exception as e:
-        raise CheckpointError(f"{path} could not be loaded safely ({' '.join(str(e).split())[:200]})") from None
+        raise CheckpointError(f"{path} could not be loaded safely ({one_line(e, 200)})") from None

@@ -30,6 +30,9 @@ from pathlib import Path
 
 import numpy as np
 
+import common
+from common import UserError, one_line, publish, sha256
+
 CACHE_VERSION = 1  # bump when the cache format or the document rules change
 EOS = "<|endoftext|>"  # the separator between documents in trained tokenizers (Qwen's name for it)
 SMOLLM = ("HuggingFaceTB/smollm-corpus", "cosmopedia-v2")  # the upstream corpus
@@ -37,7 +40,7 @@ SMOLLM_TOKENIZER = "HuggingFaceTB/SmolLM-135M"  # and its tokenizer (vocab 49152
 BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}  # datasets' loaders
 
 
-class DataError(Exception):
+class DataError(UserError):
     """Bad data or tokenizer input; the message is one line for the user."""
 
 
@@ -47,10 +50,6 @@ def default_cache_dir() -> Path:
 
 def _hash(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def _one_line(e: BaseException) -> str:
-    return " ".join(str(e).split())[:300] or type(e).__name__
 
 
 # %% 1. Sources
@@ -178,7 +177,7 @@ def hub_unreachable(timeout: float = 3.0) -> str | None:
             urllib.request.urlopen(urllib.request.Request(endpoint, method="HEAD"), timeout=timeout)
             answer["ok"] = True
         except Exception as e:  # whatever the failure, the hub is not usable now
-            answer["error"] = _one_line(e)
+            answer["error"] = one_line(e)
 
     thread = threading.Thread(target=probe, daemon=True)
     thread.start()
@@ -245,7 +244,7 @@ def _documents_via_datasets(source: Source, text_field: str, max_docs: int | Non
             where = json_error(file)
             if where:
                 raise DataError(f"cannot read {file}: {where}") from None
-        raise DataError(f"cannot read {source.describe()}: {_one_line(e)}") from None
+        raise DataError(f"cannot read {source.describe()}: {one_line(e)}") from None
     finally:
         datasets_logging.set_verbosity(verbosity)
     return docs
@@ -292,19 +291,9 @@ def train_bpe(docs: list[str], vocab_size: int):
     return PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token=EOS, pad_token=EOS)
 
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
-                   "spiece.model")  # any one of them makes a folder a tokenizer to transformers
-
-
 def load_tokenizer(name_or_path: str):
-    from transformers import AutoTokenizer
-    path = Path(name_or_path).expanduser()
-    if path.is_dir() and not any((path / f).is_file() for f in TOKENIZER_FILES):
-        raise DataError(f"no tokenizer files in {path} (looked for {', '.join(TOKENIZER_FILES)})")
-    try:
-        tok = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=False)
-    except Exception as e:  # OSError offline or missing, ValueError for broken files, ...
-        raise DataError(f"cannot load tokenizer '{name_or_path}': {_one_line(e)}") from None
+    """A prebuilt tokenizer (a folder, or a hub name) that can separate documents: it has an EOS."""
+    tok = common.load_tokenizer(name_or_path)
     if tok.eos_token_id is None:
         raise DataError(f"tokenizer '{name_or_path}' has no EOS token to separate documents")
     return tok
@@ -352,6 +341,7 @@ def token_bytes(tok) -> np.ndarray | None:
                 return None  # not GPT-2's alphabet after all
             table[i] = len(piece)
     return table
+
 
 
 # %% 4. Token files
@@ -411,14 +401,9 @@ def clean_leftovers(cache_dir: Path, log=print):
         log(f"data: removed {removed} temporary folder(s) of interrupted runs from {cache_dir}")
 
 
-def _sha256(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
 def _seal(tmp: Path, meta: dict):
     """Write meta.json into a finished entry, recording the size and SHA-256 of every file in it."""
-    files = {f.name: {"bytes": f.stat().st_size, "sha256": _sha256(f)} for f in sorted(tmp.iterdir()) if f.is_file()}
+    files = {f.name: {"bytes": f.stat().st_size, "sha256": sha256(f)} for f in sorted(tmp.iterdir()) if f.is_file()}
     (tmp / "meta.json").write_text(json.dumps({**meta, "files": files}, indent=2) + "\n")
 
 
@@ -429,7 +414,7 @@ def _damage(entry: Path) -> tuple[dict, str | None]:
     try:
         meta = json.loads((entry / "meta.json").read_text())
     except (OSError, ValueError) as e:
-        return {}, f"meta.json is unreadable: {_one_line(e)[:100]}"
+        return {}, f"meta.json is unreadable: {one_line(e, 100)}"
     files = meta.get("files") if isinstance(meta, dict) else None
     if not isinstance(files, dict) or not files:
         return {}, "meta.json records no files (an older version wrote it?)"
@@ -440,10 +425,10 @@ def _damage(entry: Path) -> tuple[dict, str | None]:
             if (entry / name).stat().st_size != want["bytes"]:
                 return meta, f"{name} has {(entry / name).stat().st_size:,} bytes, not {want['bytes']:,}"
         for name, want in files.items():
-            if _sha256(entry / name) != want["sha256"]:
+            if sha256(entry / name) != want["sha256"]:
                 return meta, f"{name} fails its SHA-256 check"
     except (KeyError, TypeError, ValueError, OSError) as e:
-        return meta, f"meta.json is malformed or a file unreadable ({_one_line(e)[:100]})"
+        return meta, f"meta.json is malformed or a file unreadable ({one_line(e, 100)})"
     return meta, None
 
 
@@ -457,7 +442,7 @@ def _open_entry(entry: Path, what: str, log, check=lambda meta: None) -> dict | 
         try:
             reason = check(meta)
         except (KeyError, TypeError, ValueError) as e:
-            reason = f"meta.json is malformed ({_one_line(e)[:100]})"
+            reason = f"meta.json is malformed ({one_line(e, 100)})"
     if reason is None:
         return meta
     log(f"data: {what} in {entry} is damaged ({reason}); rebuilding it")
@@ -515,16 +500,6 @@ def _write_tokens(docs: list[str], tok, path: Path, dtype, max_tokens: int | Non
     return n
 
 
-def _publish(tmp: Path, final: Path):
-    """Rename a finished temporary folder into place; if another run got there first, keep theirs."""
-    try:
-        os.rename(tmp, final)
-    except OSError:
-        if not final.exists():
-            raise
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
 def prepare_data(spec: str, tokenizer: str, *, vocab_size: int, max_docs: int | None, max_tokens: int | None,
                  val_frac: float, split_seed: int, text_field: str, cache_dir, log=print) -> TokenData:
     """Tokens of both splits and the tokenizer, from the cache when possible.
@@ -572,7 +547,7 @@ def prepare_data(spec: str, tokenizer: str, *, vocab_size: int, max_docs: int | 
             tmp = _tmp_dir(tok_dir)
             train_bpe(train_docs, vocab_size).save_pretrained(tmp)
             _seal(tmp, {})
-            _publish(tmp, tok_dir)
+            publish(tmp, tok_dir)  # (if another run got there first, theirs is kept)
         tok = load_tokenizer(str(tok_dir))
     else:
         tok = load_tokenizer(tokenizer)
@@ -595,7 +570,7 @@ def prepare_data(spec: str, tokenizer: str, *, vocab_size: int, max_docs: int | 
                     train_tokens=_write_tokens(train_docs, tok, tmp / "train.bin", dtype, max_tokens),
                     val_tokens=_write_tokens(val_docs, tok, tmp / "val.bin", dtype))
         _seal(tmp, meta)
-        _publish(tmp, token_dir)
+        publish(tmp, token_dir)
         meta = json.loads((token_dir / "meta.json").read_text())  # (another run's, if it published first)
     train, val = (_read_tokens(token_dir, split, meta) for split in ("train", "val"))
     return TokenData(train, val, tok, meta, key, source.name if source.kind == "files" else spec)

@@ -48,8 +48,8 @@ from tqdm import tqdm
 
 from checkpoint import (load_training_state, lock_out_dir, read_training_info, recover, release_out_dirs,
                         save_checkpoint)
-from data import (Batches, DataError, TokenData, default_cache_dir, fixed_starts, prepare_data, token_bytes,
-                  windows)
+from common import UserError, error, one_line, pick_device
+from data import Batches, TokenData, default_cache_dir, fixed_starts, prepare_data, token_bytes, windows
 from engine import FastMuon, FusedLoss
 from qwen3 import PRESETS, CheckpointError, Muon, Qwen3, Qwen3Config, configure_optimizers, from_pretrained, generate, read_config
 
@@ -89,8 +89,7 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 class ArgumentParser(argparse.ArgumentParser):
     def error(self, message):  # one line, not argparse's usage dump
-        print(f"error: {message} (see --help)", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(2 * error(f"{message} (see --help)"))
 
 
 # Every numeric flag has a range, checked as it is parsed (and, on --resume, on the values the
@@ -221,21 +220,6 @@ def build_parser() -> ArgumentParser:
     return p
 
 
-class TrainError(Exception):
-    """A problem for the user; the message is one line."""
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
-    if name not in available:
-        raise TrainError(f"unknown --device {name!r}; choose auto, cpu, cuda or mps")
-    if not available[name]:
-        raise TrainError(f"--device {name} requested but not available here")
-    return torch.device(name)
-
-
 # torchrun starts one process per GPU (or CPU worker) and tells each, in environment variables,
 # how many there are (WORLD_SIZE), which one it is (RANK) and which one on its machine (LOCAL_RANK).
 
@@ -248,7 +232,7 @@ def init_distributed(device: torch.device) -> torch.device:
     if device.type == "cuda":
         local_rank = int(os.environ["LOCAL_RANK"])
         if local_rank >= torch.cuda.device_count():
-            raise TrainError(f"LOCAL_RANK {local_rank}, but only {torch.cuda.device_count()} GPU(s) are visible; "
+            raise UserError(f"LOCAL_RANK {local_rank}, but only {torch.cuda.device_count()} GPU(s) are visible; "
                              f"start at most that many processes per machine")
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
@@ -256,7 +240,7 @@ def init_distributed(device: torch.device) -> torch.device:
     elif device.type == "cpu":
         dist.init_process_group("gloo")
     else:
-        raise TrainError(f"data-parallel training runs on cuda or cpu, not {device.type}")
+        raise UserError(f"data-parallel training runs on cuda or cpu, not {device.type}")
     return device
 
 
@@ -301,7 +285,7 @@ def parse_args(argv=None):
     Under torchrun, also joins the job: the device depends on the rank."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    device = init_distributed(resolve_device(args.device))  # --device is a session flag: not from a checkpoint
+    device = init_distributed(pick_device(args.device))  # --device is a session flag: not from a checkpoint
     rank, world = rank_and_world()
     out, problem = Path(args.out_dir), None
     if rank == 0:  # before anything in OUT/ is touched: make it this run's alone, then finish a save cut short
@@ -313,7 +297,7 @@ def parse_args(argv=None):
     # Decided together (rank 0 alone stopping would leave the others waiting); this also holds
     # the other ranks back until last/ is whole.
     if all_ranks([problem is not None], device)[0]:
-        raise TrainError(problem or f"rank 0 could not take --out-dir {out} (its error says why)")
+        raise UserError(problem or f"rank 0 could not take --out-dir {out} (its error says why)")
     info = None
     if args.resume:
         info = read_training_info(out / "last")
@@ -333,18 +317,18 @@ def parse_args(argv=None):
     if args.dtype == "auto":
         args.dtype = "bfloat16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
     if args.dtype not in ("float32", "bfloat16"):
-        raise TrainError(f"unknown --dtype {args.dtype!r}; choose auto, float32 or bfloat16")
+        raise UserError(f"unknown --dtype {args.dtype!r}; choose auto, float32 or bfloat16")
     if args.optimizer not in ("muon", "adamw"):
-        raise TrainError(f"unknown --optimizer {args.optimizer!r}; choose muon or adamw")
+        raise UserError(f"unknown --optimizer {args.optimizer!r}; choose muon or adamw")
     if args.lr is None:
         args.lr = LR_DEFAULTS[kind, args.optimizer]
     # The global batch stays what the flags say: the processes share the micro-batches of a step,
     # or, without accumulation, the sequences of the one micro-batch.
     if args.grad_accum > 1 and args.grad_accum % world:
-        raise TrainError(f"--grad-accum {args.grad_accum} does not split over {world} processes; "
+        raise UserError(f"--grad-accum {args.grad_accum} does not split over {world} processes; "
                          f"use a multiple of {world}")
     if args.grad_accum == 1 and args.batch_size % world:
-        raise TrainError(f"--batch-size {args.batch_size} does not split over {world} processes (with "
+        raise UserError(f"--batch-size {args.batch_size} does not split over {world} processes (with "
                          f"--grad-accum 1 they share each batch); use a multiple of {world}")
     return args, device, info
 
@@ -358,7 +342,7 @@ def model_config(args, tokenizer=None) -> Qwen3Config:
     try:
         return Qwen3Config.preset(args.preset, **overrides)
     except ValueError as e:
-        raise TrainError(str(e)) from None
+        raise UserError(str(e)) from None
 
 
 # %% 2. A run
@@ -380,10 +364,10 @@ def check_out_dir(out: Path, config: Qwen3Config, resuming: bool, overwrite: boo
     diff = [f"{k} {getattr(theirs, k)} there, {getattr(config, k)} here" for k in SHAPE_FLAGS
             if getattr(theirs, k) != getattr(config, k)]
     if diff:
-        raise TrainError(f"{out} holds a different model ({'; '.join(diff)}); use another --out-dir"
+        raise UserError(f"{out} holds a different model ({'; '.join(diff)}); use another --out-dir"
                          + ("" if resuming else " or --overwrite"))
     if not resuming:
-        raise TrainError(f"{out} already holds a checkpoint ({existing}); pass --resume to continue it "
+        raise UserError(f"{out} already holds a checkpoint ({existing}); pass --resume to continue it "
                          f"or --overwrite to start again")
 
 
@@ -458,12 +442,12 @@ def setup(args, device: torch.device, info: dict | None, log=say) -> Run:
         dist.barrier()
     sizes = [len(data.train), len(data.val), len(data.tokenizer)]
     if all_ranks(sizes, device, dist.ReduceOp.MAX) != all_ranks(sizes, device, dist.ReduceOp.MIN):
-        raise TrainError("the processes read different data (--data auto may have resolved differently, or the "
+        raise UserError("the processes read different data (--data auto may have resolved differently, or the "
                          "machines' files differ); give every machine the same files and name them with --data")
     args.data = data.spec  # "auto" resolved: --resume must read the same data
     batches = Batches(data.train, args.seq_len, args.seed)
     if batches.windows_per_epoch < 1 or len(data.val) < args.seq_len + 1:
-        raise TrainError(f"corpus too small for --seq-len {args.seq_len}: {len(data.train)} training and "
+        raise UserError(f"corpus too small for --seq-len {args.seq_len}: {len(data.train)} training and "
                          f"{len(data.val)} validation tokens, need at least {2 * args.seq_len} and "
                          f"{args.seq_len + 1}; use more data or a shorter --seq-len")
     if info is not None and info.get("data_key") != data.key:
@@ -520,8 +504,8 @@ def resume(run: Run, info: dict) -> RunState:
         if run.device.type == "cuda" and "rng_cuda" in state:
             torch.cuda.set_rng_state(state["rng_cuda"], run.device)
     except (ValueError, KeyError, TypeError, RuntimeError) as e:
-        raise TrainError(f"{run.last / 'training_state.pt'} does not fit this run (was --optimizer changed?): "
-                         f"{' '.join(str(e).split())[:200]}") from None
+        raise UserError(f"{run.last / 'training_state.pt'} does not fit this run (was --optimizer changed?): "
+                         f"{one_line(e, 200)}") from None
     return RunState(info["step"], info["best_val_loss"], info["best_step"], info["elapsed_s"],
                     info.get("steps_s", 0.0), saved_at=info["step"])  # .get: checkpoints from before steps_s
 
@@ -718,7 +702,7 @@ def evaluate_and_save(run: Run, state: RunState, write):
                 plot_curves({"": read_metrics(run.out / "metrics.jsonl")}, run.out / "curves.png")
             except Exception as e:  # a picture is never worth the run
                 write(f"warning: {run.out / 'curves.png'} not updated ({type(e).__name__}: "
-                      f"{' '.join(str(e).split())[:200]})")
+                      f"{one_line(e, 200)})")
         if step > 0 and (state.best_val_loss is None or val_loss < state.best_val_loss):
             state.best_val_loss, state.best_step = val_loss, step
             if run.rank == 0:
@@ -825,7 +809,7 @@ def train_step(run: Run, state: RunState) -> float:
     loss_value = all_ranks([(loss_sum / run.accum).item()], run.device)[0] / world  # the global batch's mean
     if not math.isfinite(loss_value):  # the same value on every rank: all stop here together
         kept = f"{run.last} (step {state.saved_at})" if state.saved_at is not None else None
-        raise TrainError(f"loss is {loss_value} at step {step + 1}; stopped. "
+        raise UserError(f"loss is {loss_value} at step {step + 1}; stopped. "
                          f"Last good checkpoint: {kept or 'none, nothing was saved yet'}")
     if args.grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(run.model.parameters(), args.grad_clip)
@@ -876,7 +860,7 @@ def fit_time_budget(run: Run, started: float) -> int:
     n = int(all_ranks([n], run.device, dist.ReduceOp.MIN)[0])  # the slowest rank decides
     evals = 1 + math.ceil(n / args.eval_every)
     if n < 1:
-        raise TrainError(f"--time-budget {args.time_budget:g} min is too short: setting up took "
+        raise UserError(f"--time-budget {args.time_budget:g} min is too short: setting up took "
                          f"{time.perf_counter() - started:.0f} s, a step takes {t_step:.3g} s and an "
                          f"evaluation {t_eval:.3g} s")
     say(f"budget {args.time_budget:g} min: {n} steps of {t_step:.3g} s, {evals} evaluations of {t_eval:.3g} s "
@@ -940,9 +924,8 @@ def main(argv=None) -> int:
     try:
         args, device, info = parse_args(argv)
         return train(args, device, info, started)
-    except (TrainError, DataError, CheckpointError, OSError) as e:  # OSError: e.g. an unwritable folder
-        print(f"error: {e}", file=sys.stderr)  # on every rank: some errors are one rank's alone
-        return 1
+    except (UserError, CheckpointError, OSError) as e:  # OSError: e.g. an unwritable folder
+        return error(e)  # on every rank: some errors are one rank's alone
     except KeyboardInterrupt:
         print("interrupted; nothing saved", file=sys.stderr)
         return 130

@@ -16,6 +16,7 @@ import pytest
 
 import data
 import train
+from common import UserError, sha256
 
 ROOT = Path(__file__).resolve().parent.parent
 KW = dict(vocab_size=512, max_docs=60, max_tokens=None, val_frac=0.1, split_seed=0, text_field="text")
@@ -56,7 +57,7 @@ def out_of_vocab(entry: Path):
     ids[len(ids) // 2] = 60_000
     replace_bytes(entry / "train.bin", ids.tobytes())
     meta = json.loads((entry / "meta.json").read_text())
-    meta["files"]["train.bin"]["sha256"] = data._sha256(entry / "train.bin")
+    meta["files"]["train.bin"]["sha256"] = sha256(entry / "train.bin")
     replace_bytes(entry / "meta.json", json.dumps(meta).encode())
 
 
@@ -203,7 +204,7 @@ def test_empty_tokenizer_folder(tmp_path, capfd):
     empty = tmp_path / "tok"
     empty.mkdir()
     (empty / "notes.txt").write_text("not a tokenizer")
-    with pytest.raises(data.DataError, match=f"^no tokenizer files in {empty} \\(looked for tokenizer.json, "):
+    with pytest.raises(UserError, match=f"^no tokenizer files in {empty} \\(looked for tokenizer.json, "):
         data.load_tokenizer(str(empty))
     code = train.main(["--tokenizer", str(empty), "--data", "embedded", "--max-docs", "20", "--device", "cpu",
                        "--cache-dir", str(tmp_path / "cache"), "--out-dir", str(tmp_path / "out")])

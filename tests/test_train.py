@@ -23,6 +23,7 @@ import pytest
 import torch
 
 import checkpoint
+import common
 import data
 import train
 from qwen3 import Qwen3, from_pretrained
@@ -342,7 +343,7 @@ def test_tampered_training_state_is_refused(ref, tmp_path, capsys, update_checks
     if update_checksum:  # a careful attacker fixes the JSON too: weights_only=True still refuses
         info_path = out / "last" / "training_state.json"
         info = json.loads(info_path.read_text())
-        info["training_state_sha256"] = checkpoint.sha256(state)
+        info["training_state_sha256"] = common.sha256(state)
         info_path.write_text(json.dumps(info))
     assert main(["--resume", "--out-dir", str(out), "--max-steps", "16"]) == 1
     line = one_error_line(capsys.readouterr().err)
