@@ -15,7 +15,8 @@ names, and `recover` (run at start) puts the newest one back in place.
 
 One run owns OUT/ at a time: before it touches anything there it takes an exclusive OS lock on
 OUT/.lock and holds it to the end, so a second train.py on the same folder is refused, naming the
-first. generate.py takes no lock: it reads best/ or last/, which a save replaces in one rename.
+first; and a folder holding another run's model is never trained into (check_out_dir). generate.py
+takes no lock: it reads best/ or last/, which a save replaces in one rename.
 """
 
 import json
@@ -26,8 +27,8 @@ from pathlib import Path
 
 import torch
 
-from common import one_line, publish, sha256
-from qwen3 import CheckpointError, Qwen3, save_pretrained
+from common import UserError, one_line, publish, sha256
+from qwen3 import CheckpointError, Qwen3, Qwen3Config, read_config, save_pretrained
 
 try:
     import fcntl  # POSIX file locks
@@ -84,6 +85,34 @@ def recover(out: Path):
         shutil.rmtree(old, ignore_errors=True)
 
 
+def own_out_dir(out: Path) -> str | None:
+    """Before anything in OUT/ is touched: make it this run's alone, then finish a save cut short.
+    Returns why that failed (None: it did not)."""
+    try:
+        lock_out_dir(out)
+        recover(out)
+    except (CheckpointError, OSError) as e:
+        return str(e)
+    return None
+
+
+def check_out_dir(out: Path, config: Qwen3Config, shape: tuple, resuming: bool, overwrite: bool):
+    """Refuse to mix runs: a checkpoint already in OUT/ is continued (--resume), replaced
+    (--overwrite) or left alone (error), and --resume must not change the model's `shape` fields."""
+    existing = next((out / n for n in ("last", "best") if (out / n / "config.json").is_file()), None)
+    if existing is None or (overwrite and not resuming):
+        return
+    theirs = read_config(existing / "config.json")
+    diff = [f"{k} {getattr(theirs, k)} there, {getattr(config, k)} here" for k in shape
+            if getattr(theirs, k) != getattr(config, k)]
+    if diff:
+        raise UserError(f"{out} holds a different model ({'; '.join(diff)}); use another --out-dir"
+                        + ("" if resuming else " or --overwrite"))
+    if not resuming:
+        raise UserError(f"{out} already holds a checkpoint ({existing}); pass --resume to continue it "
+                        f"or --overwrite to start again")
+
+
 def save_checkpoint(out: Path, name: str, model: Qwen3, tokenizer, state: dict | None = None, info: dict | None = None):
     """OUT/NAME/: the model and tokenizer, and with `state` (tensors) and `info` (JSON) what --resume needs."""
     final, tmp = out / name, out / f".{name}.tmp"
@@ -118,13 +147,33 @@ def read_training_info(last: Path) -> dict:
     return info
 
 
-def load_training_state(last: Path, info: dict) -> dict:
-    """last/training_state.pt (optimizer and RNG states), once its checksum matches `info`'s."""
+def training_state(optimizers: list, device: torch.device) -> dict:
+    """What training_state.pt holds: the optimizers' states (their moments) and the RNG streams."""
+    state = dict(optimizers=[o.state_dict() for o in optimizers], rng_cpu=torch.get_rng_state())
+    if device.type == "cuda":
+        state["rng_cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def restore_training_state(last: Path, info: dict, optimizers: list, device: torch.device):
+    """Put last/training_state.pt back, once its checksum matches `info`'s: the optimizers' moments
+    (their learning rates, decay and betas stay those of the flags) and the RNG streams."""
     path = last / "training_state.pt"
     if not path.is_file() or sha256(path) != info.get("training_state_sha256"):
         raise CheckpointError(f"{path} is missing or does not match the checksum in training_state.json "
                               f"(corrupt or tampered); refusing to load it")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)  # tensors and plain containers only
+        state = torch.load(path, map_location="cpu", weights_only=True)  # tensors and plain containers only
     except Exception as e:
         raise CheckpointError(f"{path} could not be loaded safely ({one_line(e, 200)})") from None
+    try:
+        for opt, opt_state in zip(optimizers, state["optimizers"], strict=True):
+            hypers = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
+            opt.load_state_dict(opt_state)
+            for group, hyper in zip(opt.param_groups, hypers, strict=True):
+                group.update(hyper)
+        torch.set_rng_state(state["rng_cpu"])
+        if device.type == "cuda" and "rng_cuda" in state:
+            torch.cuda.set_rng_state(state["rng_cuda"], device)
+    except (ValueError, KeyError, TypeError, RuntimeError) as e:
+        raise CheckpointError(f"{path} does not fit this run (was --optimizer changed?): {one_line(e, 200)}") from None

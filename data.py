@@ -306,13 +306,15 @@ def tokenizer_fingerprint(tok) -> str:
     return _hash([spec, tok.eos_token_id])
 
 
-# Bits per byte compares models with different tokenizers: it needs the UTF-8 bytes each token
-# stands for. Decoding tokens one at a time does not give them: a character of several bytes is
-# often split over tokens, and a lone piece decodes to U+FFFD. A byte-level BPE (GPT-2's scheme,
-# used by ours, SmolLM's and Qwen's) stores every token as a string of stand-in characters, one
-# per byte: the 188 printable bytes of Latin-1 as themselves, the other 68 as chr(256 + n) in byte
-# order (Radford et al. 2019, "Language Models are Unsupervised Multitask Learners", and the
-# bytes_to_unicode table of their encoder.py). So a token's byte count is its length.
+# Bits per byte compares models with different tokenizers (Gao et al. 2020, "The Pile: An 800GB
+# Dataset of Diverse Text for Language Modeling", compare models this way): it needs the UTF-8
+# bytes each token stands for. Decoding tokens one at a time does not give them: a character of
+# several bytes is often split over tokens, and a lone piece decodes to U+FFFD. A byte-level BPE
+# (GPT-2's scheme, used by ours, SmolLM's and Qwen's) stores every token as a string of stand-in
+# characters, one per byte: the 188 printable bytes of Latin-1 as themselves, the other 68 as
+# chr(256 + n) in byte order (Radford et al. 2019, "Language Models are Unsupervised Multitask
+# Learners", and the bytes_to_unicode table of their encoder.py). So a token's byte count is its
+# length.
 
 
 def byte_level_alphabet() -> dict[str, int]:
@@ -342,6 +344,14 @@ def token_bytes(tok) -> np.ndarray | None:
             table[i] = len(piece)
     return table
 
+
+def target_bytes(tokens: np.ndarray, starts: np.ndarray, seq_len: int, tok, table: np.ndarray | None) -> int:
+    """The UTF-8 bytes that the targets of the windows at `starts` stand for: from token_bytes'
+    table, or without one by decoding them."""
+    targets = windows(tokens, starts, seq_len)[1]  # (len(starts), seq_len)
+    if table is not None:
+        return int(table[targets].sum())
+    return sum(len(tok.decode(t, skip_special_tokens=True).encode()) for t in targets)
 
 
 # %% 4. Token files

@@ -52,9 +52,9 @@ def next_command(out: Path, flags: list[str], device: str) -> list[str] | None:
     """train.py's arguments for what is left of the run in `out`: all of it, the rest, or None.
     A run counts as the same only if it had the same flags *and* train.py's defaults they left
     alone were the same (a new default shape or step count makes every old run stale)."""
-    import train
+    from flags import DEVICE_DEFAULTS
     from qwen3 import PRESETS
-    defaults = train.DEVICE_DEFAULTS["cpu" if device == "cpu" else "gpu"]
+    defaults = DEVICE_DEFAULTS["cpu" if device == "cpu" else "gpu"]
     stamp = dict(flags=flags, defaults=defaults, preset=PRESETS[defaults["preset"]])
     info_path, marker = out / "last" / "training_state.json", out / "benchmark-flags.json"
     info = json.loads(info_path.read_text()) if info_path.is_file() else None
@@ -69,7 +69,7 @@ def next_command(out: Path, flags: list[str], device: str) -> list[str] | None:
 
 def run(args, optimizer: str, lr: str) -> list[dict]:
     """One train.py run (or what is left of it); its metrics records."""
-    import train
+    from plots import read_metrics
     out = Path(args.work_dir) / f"{optimizer}-{lr}"
     flags = ["--data", "embedded", "--device", args.device, "--optimizer", optimizer,
              "--lr" if optimizer == "adamw" else "--muon-lr", lr, "--sample-tokens", "0", *args.extra.split()]
@@ -82,7 +82,7 @@ def run(args, optimizer: str, lr: str) -> list[dict]:
         done = subprocess.run([sys.executable, str(ROOT / "train.py"), *cmd])
         if done.returncode != 0:
             sys.exit(f"train.py exited with {done.returncode}; run this command again to continue the sweep")
-    return train.read_metrics(out / "metrics.jsonl")
+    return read_metrics(out / "metrics.jsonl")
 
 
 def reach(curve: list[dict], target: float, x: str) -> float | None:
@@ -127,29 +127,6 @@ def table(summary: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(curves: dict[str, list[dict]], target: float, path: Path):
-    """Validation loss and bits per byte (rows) against steps and wall seconds (columns), every run."""
-    from matplotlib.figure import Figure
-    fig = Figure(figsize=(12, 8), layout="constrained")
-    axes = fig.subplots(2, 2, sharex="col", sharey="row")
-    for name, curve in curves.items():
-        style = "-" if name.startswith("muon") else "--"
-        for row, key in zip(axes, ("val_loss", "val_bpb")):
-            for ax, x in zip(row, ("step", "elapsed_s")):
-                ax.plot([r[x] for r in curve], [r.get(key) for r in curve], style, label=name)
-    for ax in axes[0]:
-        ax.axhline(target, color="gray", lw=0.8)
-    for ax in axes.flat:
-        ax.grid(alpha=0.3)
-    axes[1][0].set_xlabel("optimizer steps")
-    axes[1][1].set_xlabel("wall seconds (evaluations included)")
-    axes[0][0].set_ylabel("validation loss (nats per token)")
-    axes[1][0].set_ylabel("validation bits per byte")
-    axes[0][0].legend()
-    fig.suptitle("Muon (solid) vs AdamW (dashed); gray: the best AdamW run's final validation loss")
-    fig.savefig(path, dpi=110)
-
-
 def main(argv=None):
     args = parse_args(argv)
     curves = {f"{optimizer} lr={lr}": run(args, optimizer, lr)
@@ -159,7 +136,8 @@ def main(argv=None):
     out.parent.mkdir(parents=True, exist_ok=True)
     Path(f"{out}.json").write_text(json.dumps(dict(flags=vars(args), **summary, curves=curves), indent=1) + "\n")
     Path(f"{out}.md").write_text(table(summary))
-    plot(curves, summary["target"], Path(f"{out}.png"))
+    from plots import plot_sweep
+    plot_sweep(curves, summary["target"], Path(f"{out}.png"))
     print(table(summary) + f"wrote {out}.json, {out}.md, {out}.png")
 
 

@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
 def main(argv=None):
-    from train import X_LABELS, plot_curves, read_metrics
+    from plots import X_LABELS, plot_curves, read_metrics
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("metrics", nargs="+", help="metrics.jsonl files")
     p.add_argument("--labels", nargs="*", default=None, help="one label per file (default: the run folder)")

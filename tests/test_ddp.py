@@ -29,6 +29,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import engine
 import train
+from plots import read_metrics
 from engine import FusedLoss
 from qwen3 import Qwen3, from_pretrained
 from test_train import TINY
@@ -273,7 +274,7 @@ def test_two_processes_train_like_one(ddp, single, name):
     assert jobs[0]["norms"] == jobs[1]["norms"]  # every rank clips by the same, global norm ...
     assert_close(jobs[0]["norms"], notes["norms"], what="gradient norm")  # ... the one-process one
     assert min(notes["norms"]) > 0.05  # so each step was clipped
-    got, want = train.read_metrics(root / name / "out" / "metrics.jsonl"), train.read_metrics(out / "metrics.jsonl")
+    got, want = read_metrics(root / name / "out" / "metrics.jsonl"), read_metrics(out / "metrics.jsonl")
     assert [r["step"] for r in got] == [r["step"] for r in want] == [0, 3, 6]
     for key in ("train_loss", "val_loss"):
         assert_close([r[key] for r in got], [r[key] for r in want], what=key)
@@ -322,7 +323,7 @@ def test_two_process_checkpoint_resumes_in_one_process(ddp, single, tmp_path):
     assert_close([np.mean(s) for s in per_step(jobs, "losses", 3) + per_step([resumed], "losses", 3)],
                  [np.mean(s) for s in per_step([notes], "losses", STEPS)], what="per-step training loss")
     assert_close(jobs[0]["norms"] + resumed["norms"], notes["norms"], what="gradient norm")
-    got, want = train.read_metrics(out / "metrics.jsonl"), train.read_metrics(ref / "metrics.jsonl")
+    got, want = read_metrics(out / "metrics.jsonl"), read_metrics(ref / "metrics.jsonl")
     assert [r["step"] for r in got] == [0, 3, 6]
     assert_close([r["val_loss"] for r in got], [r["val_loss"] for r in want], what="val_loss")
     assert_weights_close(from_pretrained(out / "last").state_dict(), notes["weights"])

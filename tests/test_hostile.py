@@ -26,6 +26,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import checkpoint
+import flags
 import generate
 import train
 from test_train import ROOT, TINY, metrics, one_error_line, run_process
@@ -188,7 +189,7 @@ def test_bad_flag_values(cache, tmp_path, args, message):
 def test_every_numeric_flag_has_a_range():
     """Any flag with a type refuses NaN, infinities, negatives and words, and accepts its default;
     any flag with a numeric default has a type. (A new `type=float` flag fails here.)"""
-    actions = [a for a in train.build_parser()._actions if a.dest != "help"]
+    actions = [a for a in flags.build_parser()._actions if a.dest != "help"]
     for a in actions:
         if isinstance(a.default, (int, float)) and not isinstance(a.default, bool):
             assert a.type is not None, a.dest
@@ -225,7 +226,7 @@ def test_flags_restored_from_a_checkpoint_are_checked(stopped, tmp_path, key, va
 # %% random flag values: they train, or they are one line
 
 
-NUMERIC = [a for a in train.build_parser()._actions if a.type is not None]
+NUMERIC = [a for a in flags.build_parser()._actions if a.type is not None]
 WILD = st.one_of(
     st.floats(allow_nan=True, allow_infinity=True).map(repr),
     st.integers(-2**70, 2**70).map(str),
@@ -247,7 +248,7 @@ def test_random_values_parse_or_give_one_line(data):
     err = io.StringIO()
     with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
         try:
-            train.build_parser().parse_args(argv)
+            flags.build_parser().parse_args(argv)
             return
         except SystemExit as e:
             code = e.code

@@ -14,7 +14,9 @@ import pytest
 import torch
 
 import data
+import plots
 import train
+from flags import DEVICE_DEFAULTS
 from qwen3 import PRESETS, Qwen3, from_pretrained
 from test_train import TINY, main, metrics, run
 
@@ -32,14 +34,14 @@ def watched(cache, tmp_path_factory):
     """A finished 8-step run (evaluations at 0, 4, 8): its folder, its stdout, and how many
     records each redraw of curves.png was given."""
     out, plotted, stdout = tmp_path_factory.mktemp("watch") / "out", [], io.StringIO()
-    draw = train.plot_curves
+    draw = plots.plot_curves
 
     def noting(runs, path, **kwargs):
         plotted.append((len(runs[""]), path))
         return draw(runs, path, **kwargs)
 
     with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(stdout):
-        mp.setattr(train, "plot_curves", noting)
+        mp.setattr(plots, "plot_curves", noting)
         assert run(cache, out, *WATCH) == 0
     return dict(out=out, stdout=stdout.getvalue(), plotted=plotted)
 
@@ -98,7 +100,7 @@ def test_a_tokenizer_that_is_not_byte_level_is_counted_by_decoding():
     tok = PreTrainedTokenizerFast(tokenizer_object=words, eos_token="<eos>")
     assert data.token_bytes(tok) is None
     tokens = np.array([0, 1, 2, 3, 0, 2, 3, 1, 0])  # two windows: targets 1 2 3 0 and 2 3 1 0
-    assert train.target_bytes(tokens, np.array([0, 4]), 4, tok, None) == len("the cat sat") + len("cat sat the")
+    assert data.target_bytes(tokens, np.array([0, 4]), 4, tok, None) == len("the cat sat") + len("cat sat the")
 
 
 @pytest.mark.parametrize("split", ["train", "val"])
@@ -272,7 +274,7 @@ def test_optimizer_benchmark_reruns_what_a_new_default_made_stale(tmp_path, monk
 
     finished_today()
     assert optimizers.next_command(out, [*flags, "--compile"], "cpu") == [*flags, "--compile", *fresh[-3:]]
-    for table, key, value in ((train.DEVICE_DEFAULTS["cpu"], "max_steps", 9999),  # a train.py default changed
+    for table, key, value in ((DEVICE_DEFAULTS["cpu"], "max_steps", 9999),  # a train.py default changed
                               (PRESETS["cpu"], "hidden_size", 96)):  # or the preset's shape
         finished_today()
         with monkeypatch.context() as m:

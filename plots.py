@@ -1,0 +1,102 @@
+"""
+Pictures of training runs, drawn from their metrics.jsonl: OUT/curves.png (train.py redraws it at
+every evaluation; benchmarks/plot_metrics.py draws the same picture from the file, or several runs
+on one chart) and the optimizer sweep's chart (benchmarks/optimizers.py).
+
+The train and validation curves of a run are measured the same way (eval mode, the same fixed
+windows each time), so the gap between them is memorisation: when validation loss turns up while
+train loss keeps falling, the model has started to learn its training text rather than the language.
+"""
+
+import json
+import os
+from pathlib import Path
+
+from common import one_line
+
+X_LABELS = {"step": "optimizer steps", "epoch": "epochs", "elapsed_s": "seconds of training"}
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """The records of a metrics.jsonl, one per evaluation (none if the file is missing)."""
+    records = []
+    for line in path.read_text().splitlines() if path.exists() else []:
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            pass  # a line cut short by a hard kill
+    return records
+
+
+def save(fig, path: Path):
+    """The PNG is written under a temporary name and renamed: a viewer never sees half of it."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    fig.savefig(tmp, format="png", dpi=110)
+    os.replace(tmp, path)
+
+
+def plot_curves(runs: dict[str, list[dict]], path: Path, x: str = "step", title: str | None = None):
+    """Train (dashed) and validation (solid) loss, and bits per byte if every record has it, of
+    each run {label: its metrics records} against `x`, the best validation point marked. One run
+    against steps also gets elapsed minutes on the top axis."""
+    from matplotlib.figure import Figure  # not pyplot: no window backend, no global figures to close
+    panels = [("loss", "nats per token")]
+    if all("val_bpb" in r for records in runs.values() for r in records):
+        panels.append(("bpb", "bits per byte"))
+    fig = Figure(figsize=(6 * len(panels), 4.5), layout="constrained")
+    for ax, (key, unit) in zip(fig.subplots(1, len(panels), squeeze=False)[0], panels):
+        for label, records in runs.items():
+            xs = [r[x] for r in records]
+            line, = ax.plot(xs, [r[f"val_{key}"] for r in records], "-", label=f"{label} validation".strip())
+            ax.plot(xs, [r[f"train_{key}"] for r in records], "--", color=line.get_color(),
+                    label=f"{label} train".strip())
+            best = min(records, key=lambda r: r["val_loss"])
+            ax.plot(best[x], best[f"val_{key}"], "o", color=line.get_color())
+            ax.annotate(f"best {best[f'val_{key}']:.3f} (step {best['step']})", (best[x], best[f"val_{key}"]),
+                        textcoords="offset points", xytext=(0, 8), ha="right", fontsize=8)
+        ax.set_xlabel(X_LABELS[x])
+        ax.set_ylabel(f"{key} ({unit})")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        if x == "step" and len(runs) == 1:  # the minutes at some of the evaluations, above their steps
+            ticks = records[::-(-len(records) // 6)]
+            top = ax.secondary_xaxis("top")
+            top.set_xticks([r["step"] for r in ticks], labels=[f"{r['elapsed_s'] / 60:.1f}" for r in ticks])
+            top.set_xlabel("minutes of training")
+    if title:
+        fig.suptitle(title)
+    save(fig, path)
+
+
+def redraw_curves(out: Path, warn):
+    """OUT/curves.png from OUT/metrics.jsonl, as train.py keeps it at every evaluation; a failure is
+    one warning line: a picture is never worth the run."""
+    try:
+        records = read_metrics(out / "metrics.jsonl")
+        plot_curves({"": records}, out / "curves.png")
+    except Exception as e:
+        warn(f"warning: {out / 'curves.png'} not updated ({type(e).__name__}: {one_line(e, 200)})")
+
+
+def plot_sweep(curves: dict[str, list[dict]], target: float, path: Path):
+    """The optimizer sweep: validation loss and bits per byte (rows) against steps and wall seconds
+    (columns), every run; Muon solid, AdamW dashed, the target a gray line."""
+    from matplotlib.figure import Figure
+    fig = Figure(figsize=(12, 8), layout="constrained")
+    axes = fig.subplots(2, 2, sharex="col", sharey="row")
+    for name, curve in curves.items():
+        style = "-" if name.startswith("muon") else "--"
+        for row, key in zip(axes, ("val_loss", "val_bpb")):
+            for ax, x in zip(row, ("step", "elapsed_s")):
+                ax.plot([r[x] for r in curve], [r.get(key) for r in curve], style, label=name)
+    for ax in axes[0]:
+        ax.axhline(target, color="gray", lw=0.8)
+    for ax in axes.flat:
+        ax.grid(alpha=0.3)
+    axes[1][0].set_xlabel("optimizer steps")
+    axes[1][1].set_xlabel("wall seconds (evaluations included)")
+    axes[0][0].set_ylabel("validation loss (nats per token)")
+    axes[1][0].set_ylabel("validation bits per byte")
+    axes[0][0].legend()
+    fig.suptitle("Muon (solid) vs AdamW (dashed); gray: the best AdamW run's final validation loss")
+    save(fig, path)
