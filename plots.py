@@ -9,6 +9,7 @@ train loss keeps falling, the model has started to learn its training text rathe
 """
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -28,6 +29,37 @@ def read_metrics(path: Path) -> list[dict]:
     return records
 
 
+def parameters(out: Path) -> int | None:
+    """The parameter count of the model a run folder holds in best/ or last/ (None if neither is there)."""
+    for name in ("best", "last"):
+        if (out / name / "config.json").is_file():
+            import torch
+            from qwen3 import Qwen3, read_config
+            with torch.device("meta"):  # shapes only, nothing allocated
+                return Qwen3(read_config(out / name)).num_params()
+    return None
+
+
+def run_title(out: Path, records: list[dict], params: int | None) -> str:
+    """curves.png's title: the run's folder, its model's size, its best validation score so far."""
+    best = min(records, key=lambda r: r["val_loss"])
+    size = f", {params / 1e6:.2f}M parameters" if params else ""
+    score = f"{best['val_bpb']:.3f} bpb" if "val_bpb" in best else f"loss {best['val_loss']:.4f}"
+    return f"{out}{size}: best val {score} at step {best['step']}"
+
+
+def fit_after_step_0(ax, curves, keys):
+    """Fit the y-axis to the evaluations after step 0: a fresh model scores about log(vocab), far
+    above all that follows, and would squash the curves flat at the bottom; its segment comes in
+    from above the top. (A log scale would still spend most of the height on the first steps.)"""
+    values = [r[k] for records in curves for r in records if r["step"] > 0 for k in keys
+              if isinstance(r.get(k), (int, float)) and math.isfinite(r[k])]
+    if values:
+        lo, hi = min(values), max(values)
+        pad = 0.05 * (hi - lo) or 0.05 * abs(hi) or 1.0
+        ax.set_ylim(lo - pad, hi + pad)
+
+
 def save(fig, path: Path):
     """The PNG is written under a temporary name and renamed: a viewer never sees half of it."""
     tmp = path.with_name(f".{path.name}.tmp")
@@ -38,7 +70,7 @@ def save(fig, path: Path):
 def plot_curves(runs: dict[str, list[dict]], path: Path, x: str = "step", title: str | None = None):
     """Train (dashed) and validation (solid) loss, and bits per byte if every record has it, of
     each run {label: its metrics records} against `x`, the best validation point marked. One run
-    against steps also gets elapsed minutes on the top axis."""
+    against steps also gets elapsed minutes on the top axis. Returns the Figure, written to path."""
     from matplotlib.figure import Figure  # not pyplot: no window backend, no global figures to close
     panels = [("loss", "nats per token")]
     if all("val_bpb" in r for records in runs.values() for r in records):
@@ -54,6 +86,7 @@ def plot_curves(runs: dict[str, list[dict]], path: Path, x: str = "step", title:
             ax.plot(best[x], best[f"val_{key}"], "o", color=line.get_color())
             ax.annotate(f"best {best[f'val_{key}']:.3f} (step {best['step']})", (best[x], best[f"val_{key}"]),
                         textcoords="offset points", xytext=(0, 8), ha="right", fontsize=8)
+        fit_after_step_0(ax, runs.values(), (f"val_{key}", f"train_{key}"))
         ax.set_xlabel(X_LABELS[x])
         ax.set_ylabel(f"{key} ({unit})")
         ax.grid(alpha=0.3)
@@ -66,14 +99,15 @@ def plot_curves(runs: dict[str, list[dict]], path: Path, x: str = "step", title:
     if title:
         fig.suptitle(title)
     save(fig, path)
+    return fig
 
 
-def redraw_curves(out: Path, warn):
+def redraw_curves(out: Path, params: int, warn):
     """OUT/curves.png from OUT/metrics.jsonl, as train.py keeps it at every evaluation; a failure is
     one warning line: a picture is never worth the run."""
     try:
         records = read_metrics(out / "metrics.jsonl")
-        plot_curves({"": records}, out / "curves.png")
+        plot_curves({"": records}, out / "curves.png", title=run_title(out, records, params))
     except Exception as e:
         warn(f"warning: {out / 'curves.png'} not updated ({type(e).__name__}: {one_line(e, 200)})")
 
@@ -89,6 +123,8 @@ def plot_sweep(curves: dict[str, list[dict]], target: float, path: Path):
         for row, key in zip(axes, ("val_loss", "val_bpb")):
             for ax, x in zip(row, ("step", "elapsed_s")):
                 ax.plot([r[x] for r in curve], [r.get(key) for r in curve], style, label=name)
+    for row, key in zip(axes, ("val_loss", "val_bpb")):
+        fit_after_step_0(row[0], curves.values(), (key,))  # the rows share their y-axis
     for ax in axes[0]:
         ax.axhline(target, color="gray", lw=0.8)
     for ax in axes.flat:

@@ -314,7 +314,7 @@ def evaluate_and_save(run: Run, state: RunState, write):
                 record["sample"] = sample(run.model, run.data.tokenizer, args.eval_sample_tokens, run.device,
                                           args.seed)
             log_eval(run.out, record, write)
-            redraw_curves(run.out, write)
+            redraw_curves(run.out, run.model.num_params(), write)
         if step > 0 and (state.best_val_loss is None or val_loss < state.best_val_loss):
             state.best_val_loss, state.best_step = val_loss, step
             if run.rank == 0:

@@ -31,19 +31,20 @@ def cache(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def watched(cache, tmp_path_factory):
-    """A finished 8-step run (evaluations at 0, 4, 8): its folder, its stdout, and how many
-    records each redraw of curves.png was given."""
-    out, plotted, stdout = tmp_path_factory.mktemp("watch") / "out", [], io.StringIO()
+    """A finished 8-step run (evaluations at 0, 4, 8): its folder, its stdout, how many records
+    each redraw of curves.png was given, and the titles it was drawn with."""
+    out, plotted, titles, stdout = tmp_path_factory.mktemp("watch") / "out", [], [], io.StringIO()
     draw = plots.plot_curves
 
     def noting(runs, path, **kwargs):
         plotted.append((len(runs[""]), path))
+        titles.append(kwargs.get("title"))
         return draw(runs, path, **kwargs)
 
     with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(stdout):
         mp.setattr(plots, "plot_curves", noting)
         assert run(cache, out, *WATCH) == 0
-    return dict(out=out, stdout=stdout.getvalue(), plotted=plotted)
+    return dict(out=out, stdout=stdout.getvalue(), plotted=plotted, titles=titles)
 
 
 def eval_windows(out: Path, split: str):
@@ -158,6 +159,40 @@ def test_a_plotting_failure_is_a_warning(cache, tmp_path, monkeypatch, capsys, f
     assert [r["step"] for r in metrics(out)] == [0, 2, 4]
     assert json.loads((out / "last" / "training_state.json").read_text())["step"] == 4
     assert not list(out.glob("*curves*"))
+
+
+def test_curves_have_a_title_naming_the_run(watched):
+    """Its folder, its model's size and the best validation score so far, at every redraw."""
+    records, params = metrics(watched["out"]), from_pretrained(watched["out"] / "last").num_params()
+    for n, title in zip((1, 2, 3), watched["titles"], strict=True):
+        best = min(records[:n], key=lambda r: r["val_loss"])
+        assert title == f"{watched['out']}, {params / 1e6:.2f}M parameters: best val {best['val_bpb']:.3f} bpb " \
+                        f"at step {best['step']}"
+
+
+def test_plot_metrics_redraws_curves_png(watched, tmp_path):
+    """One metrics file: the very picture train.py drew (steps and minutes, the same title)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import matplotlib.image
+    import plot_metrics
+    png = tmp_path / "again.png"
+    plot_metrics.main([str(watched["out"] / "metrics.jsonl"), "--out", str(png)])
+    drawn, again = matplotlib.image.imread(watched["out"] / "curves.png"), matplotlib.image.imread(png)
+    assert drawn.shape == again.shape and np.array_equal(drawn, again)
+
+
+def test_the_first_evaluation_does_not_squash_the_curves(tmp_path):
+    """A fresh model's loss (about log(vocab)) lies above the y-range, which the later evaluations set."""
+    records = [dict(step=s, epoch=s / 100, elapsed_s=s, train_loss=v, val_loss=v + 0.1, train_bpb=v / 3,
+                    val_bpb=(v + 0.1) / 3) for s, v in ((0, 8.3), (50, 5.2), (100, 4.6), (150, 4.4))]
+    fig = plots.plot_curves({"": records}, tmp_path / "curves.png")
+    for ax, key in zip(fig.axes, ("loss", "bpb"), strict=True):
+        later = [r[f"{split}_{key}"] for r in records[1:] for split in ("train", "val")]
+        low, high = ax.get_ylim()
+        assert low <= min(later) and max(later) <= high < records[0][f"val_{key}"]
+        assert high - low < 1.2 * (max(later) - min(later))
+    plots.plot_sweep({"muon lr=0.02": records, "adamw lr=1e-3": records[:3]}, 4.6, tmp_path / "sweep.png")
+    assert (tmp_path / "sweep.png").read_bytes().startswith(b"\x89PNG")
 
 
 def test_plot_metrics_draws_several_runs(watched, tmp_path):
