@@ -172,7 +172,7 @@ def main(argv=None):
             one_prompt(args, model, tokenizer, stop, decoder, settings, prompts[0])
         else:
             one_batch(args, model, tokenizer, stop, decoder, settings, prompts)
-    except (UserError, CheckpointError) as e:
+    except (UserError, CheckpointError, FloatingPointError) as e:  # FloatingPointError: NaN or inf logits
         sys.exit(error(e))
     except KeyboardInterrupt:  # Ctrl-C while loading or reading stdin
         sys.exit(130)

@@ -185,11 +185,10 @@ def run(ckpt, model, tokenizer, stop, decoder, settings, chat, show_prompt):
         except (EOFError, KeyboardInterrupt):
             print()
             return
-        if not line.startswith("/"):
-            session.reply(line)
-            continue
-        try:
-            if session.command(line):
+        try:  # a bad command or prompt, or a broken model (NaN logits), is one line: the session goes on
+            if not line.startswith("/"):
+                session.reply(line)
+            elif session.command(line):
                 return
-        except UserError as e:
+        except (UserError, FloatingPointError) as e:
             error(e)

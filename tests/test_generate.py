@@ -867,3 +867,25 @@ def test_chat_needs_a_chat_template(ckpt, capsys):
         run_main(capsys, "--ckpt", ckpt, "--chat", "--prompt", PROMPT)
     assert exit.value.code != 0
     assert_one_line_error(capsys.readouterr().err, "chat template")
+
+
+def test_a_broken_model_says_so(ckpt, tmp_path, capsys, monkeypatch):
+    """Issue #23: NaN weights made greedy decoding print nothing (token 0 is the EOS) with exit 0, and
+    sampling die in torch.multinomial. One line says the model produced NaN or inf, in one-shot use
+    (exit 1) and in the interactive prompt, which goes on."""
+    from safetensors.torch import load_file, save_file
+    broken = tmp_path / "broken"
+    shutil.copytree(ckpt, broken)
+    weights = load_file(broken / "model.safetensors")
+    weights["model.layers.0.mlp.down_proj.weight"][0, 0] = float("nan")
+    save_file(weights, broken / "model.safetensors", metadata={"format": "pt"})
+    for temperature in (0, 1):
+        with pytest.raises(SystemExit) as e:
+            run_main(capsys, "--ckpt", broken, "--prompt", PROMPT, "--temperature", temperature, "-n", 5)
+        _, err = capsys.readouterr()
+        assert e.value.code == 1
+        assert_one_line_error(err, "NaN or infinite logits")
+    lines = iter([PROMPT, "/temp 0", PROMPT, "/settings", "/quit"])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
+    out, err = run_main(capsys, "--ckpt", broken)
+    assert err.count("NaN or infinite logits") == 2 and "settings: /temp 0" in out  # it went on after each
