@@ -10,7 +10,7 @@ import sys
 import torch
 
 from common import UserError, error
-from qwen3 import stream
+from qwen3 import MoE, stream
 from sampling import check, make_generator, print_tokens, prompt_ids, token_piece
 
 HELP = """\
@@ -23,6 +23,7 @@ Type a prompt and press Enter; the continuation streams as it is generated. Line
   /probs on|off   a line per new token: its likeliest candidates and their probabilities after temperature,
                   top-k and top-p (* marks the token drawn); the text follows
   /tokens         how the last prompt was split into tokens (ids and pieces, as the model got it)
+  /experts        a mixture of experts: which experts each sparse layer sent the last prompt's tokens to
 {chat}  /settings       show the current settings
   /help           show this help
   /quit           leave (so do Ctrl-D and Ctrl-C at the prompt; Ctrl-C during a generation stops it)
@@ -72,6 +73,25 @@ def show_tokens(tokenizer, ids):
     return "\n".join(lines)
 
 
+def show_experts(model, tokenizer, ids):
+    """/experts: for each token of the last prompt, the experts each sparse layer chose (their weights
+    in %), from one more forward pass over it (each MoE keeps the router logits of its last pass);
+    then how many of its experts each layer used."""
+    sparse = [(i, layer.mlp) for i, layer in enumerate(model.model.layers) if isinstance(layer.mlp, MoE)]
+    if not sparse:
+        return "no experts: this model is dense (one MLP in every layer)"
+    with torch.no_grad():
+        model(torch.tensor([ids], device=model.lm_head.weight.device))
+    choices = [moe.choose(moe.router_logits) for _, moe in sparse]  # per layer: weights and experts, (T, k) each
+    lines = [f"{len(ids)} tokens (the last prompt), the experts each sparse layer sent them to (weight %):"]
+    for t, token in enumerate(ids):
+        cells = ["L{}: {}".format(i, " ".join(f"{e}({100 * w:.0f})" for w, e in zip(weights[t].tolist(), experts[t].tolist())))
+                 for (i, _), (weights, experts) in zip(sparse, choices)]
+        lines.append(f"{token_piece(tokenizer, token):<12} " + "  ".join(cells))
+    used = [f"L{i}: {experts.unique().numel()} of {moe.experts.gate_proj.size(0)}" for (i, moe), (_, experts) in zip(sparse, choices)]
+    return "\n".join(lines + ["experts used: " + ", ".join(used)])
+
+
 class Session:
     """One sitting at the prompt: the model and what the user has set, the random numbers that
     every generation draws from in turn, and with --chat the conversation so far."""
@@ -108,9 +128,10 @@ class Session:
             print(help_text(self.chat))
         elif name == "/settings":
             print(self.settings_line())
-        elif name == "/tokens":
-            print("no prompt yet: /tokens shows how the last one was split" if self.last_ids is None
-                  else show_tokens(self.tokenizer, self.last_ids))
+        elif name in ("/tokens", "/experts"):
+            show = show_tokens if name == "/tokens" else lambda tok, ids: show_experts(self.model, tok, ids)
+            print(f"no prompt yet: {name} looks at the last one" if self.last_ids is None
+                  else show(self.tokenizer, self.last_ids))
         elif name == "/probs":
             settings.show_probs = switch(name, values, settings.show_probs)
             print(self.settings_line())

@@ -330,10 +330,14 @@ class MoE(nn.Module):
     def route(self, h):
         """h (N, hidden) -> router logits (N, E), and each token's k weights and experts (N, k)."""
         logits = self.gate(h)
+        return logits, *self.choose(logits)
+
+    def choose(self, logits):
+        """Router logits (N, E) -> each token's k weights (in the logits' dtype) and experts (N, k)."""
         weights, chosen = logits.float().softmax(dim=-1).topk(self.top_k, dim=-1)
         if self.norm_topk_prob:
             weights = weights / weights.sum(dim=-1, keepdim=True)
-        return logits, weights.to(h.dtype), chosen
+        return weights.to(logits.dtype), chosen
 
     def forward(self, x):
         h = x.flatten(0, 1)  # (N, hidden): every token routed on its own

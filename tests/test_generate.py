@@ -889,3 +889,37 @@ def test_a_broken_model_says_so(ckpt, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
     out, err = run_main(capsys, "--ckpt", broken)
     assert err.count("NaN or infinite logits") == 2 and "settings: /temp 0" in out  # it went on after each
+
+
+def test_interactive_experts_shows_transformers_routing(tmp_path, capsys, monkeypatch):
+    """Issue #22: /experts lists, for each token of the last prompt, the experts each sparse layer chose,
+    as transformers' Qwen3MoeForCausalLM routes them (its router logits' top-k, renormalised)."""
+    path = tmp_path / "moe"
+    train_tokenizer(path)
+    tok = AutoTokenizer.from_pretrained(path)
+    torch.manual_seed(0)
+    cfg = transformers.Qwen3MoeConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                                      num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_experts=6,
+                                      num_experts_per_tok=2, moe_intermediate_size=16, norm_topk_prob=True,
+                                      mlp_only_layers=[1], max_position_embeddings=CONTEXT, initializer_range=0.5,
+                                      eos_token_id=tok.eos_token_id)
+    hf = transformers.Qwen3MoeForCausalLM(cfg).eval()
+    hf.save_pretrained(path)
+    lines = iter(["/experts", PROMPT, "/experts", "/quit"])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
+    out, _ = run_main(capsys, "--ckpt", path, "-n", 3, "--temperature", 0)
+    assert "no prompt yet: /experts looks at the last one" in out
+    ids = tok.encode(PROMPT)
+    with torch.no_grad():
+        routers = hf(torch.tensor([ids]), output_router_logits=True).router_logits  # the sparse layers 0 and 2
+    want = []
+    for t in range(len(ids)):
+        cells = []
+        for layer, logits in zip((0, 2), routers):
+            w, e = logits[t].softmax(-1).topk(2)
+            w = w / w.sum()
+            cells.append(f"L{layer}: " + " ".join(f"{i}({100 * p:.0f})" for p, i in zip(w.tolist(), e.tolist())))
+        want.append("  ".join(cells))
+    got = re.findall(r"(L0: \d+\(.*)$", out, re.M)
+    assert got == want, (got, want)
+    assert re.search(r"experts used: L0: \d of 6, L2: \d of 6", out)
