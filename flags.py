@@ -40,6 +40,12 @@ SHAPE_FLAGS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_att
 SESSION_FLAGS = ("device", "dtype", "compile", "out_dir", "resume", "overwrite", "stop_at")
 
 
+def on_each_device(flag: str) -> str:
+    """--help's default of a flag that DEVICE_DEFAULTS sets: the value on a CPU and on a GPU."""
+    cpu, gpu = DEVICE_DEFAULTS["cpu"][flag], DEVICE_DEFAULTS["gpu"][flag]
+    return f"(default: {cpu})" if cpu == gpu else f"(default: {cpu} on CPU, {gpu} on GPU)"
+
+
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     def _get_help_string(self, action):  # show defaults, except where the help text explains them
         if action.default is None or action.default is False or "default:" in (action.help or ""):
@@ -81,8 +87,8 @@ minutes = checked(float, lambda v: 0 < v <= 525_600, "a number of minutes in (0,
 
 
 def build_parser() -> ArgumentParser:
-    p = ArgumentParser(description="Train a Qwen3 language model from scratch. Defaults marked 'device' "
-                       "depend on the device: a small model on a CPU, the upstream seed config on a GPU.",
+    p = ArgumentParser(description="Train a Qwen3 language model from scratch. Where a default depends on the "
+                       "device, both are given: a small model on a CPU, the upstream seed config on a GPU.",
                        epilog="Ctrl-C or SIGTERM saves OUT/last and exits with 130 or 143 (128 + signal); "
                        "--resume continues exactly where it stopped. Errors exit with 1 (2 for bad flags). "
                        "Under torchrun (torchrun --nproc_per_node=N train.py ...) it trains data-parallel on N "
@@ -96,7 +102,7 @@ def build_parser() -> ArgumentParser:
     g.add_argument("--tokenizer", default="auto", help="auto (SmolLM-135M's for smollm, else bpe), bpe (train a "
                    "byte-level BPE on the training split), or a Hugging Face tokenizer name or folder")
     g.add_argument("--vocab-size", type=positive_int, default=None, help="vocabulary size of a trained BPE "
-                   "(default: device, 4096 on CPU, 8192 on GPU)")
+                   + on_each_device("vocab_size"))
     g.add_argument("--max-docs", type=positive_int, default=None, help="use at most this many documents "
                    "(default: 2000 for smollm, all otherwise)")
     g.add_argument("--max-tokens", type=positive_int, default=None, help="cut the training split to this many "
@@ -108,7 +114,7 @@ def build_parser() -> ArgumentParser:
                    "tokenizers are cached, shared by all runs")
 
     g = p.add_argument_group("model")
-    g.add_argument("--preset", default=None, help=f"model shape: {', '.join(PRESETS)} (default: device)")
+    g.add_argument("--preset", default=None, help=f"model shape: {', '.join(PRESETS)} {on_each_device('preset')}")
     for flag, kind, what in [("hidden-size", positive_int, "width of the residual stream"),
                              ("intermediate-size", positive_int, "width of the MLP"),
                              ("num-hidden-layers", positive_int, "number of blocks"),
@@ -120,22 +126,28 @@ def build_parser() -> ArgumentParser:
     g.add_argument("--tie-word-embeddings", action=argparse.BooleanOptionalAction, default=None,
                    help="share the embedding and output matrices (default: the preset's)")
     g.add_argument("--dropout", type=below_one, default=None, help="dropout on attention and residual branches "
-                   "(default: device, 0 on CPU, 0.1 on GPU)")
+                   + on_each_device("dropout"))
     g.add_argument("--zero-init-output", action="store_true", help="start o_proj and down_proj at zero, so every "
                    "block begins as the identity (modded-nanogpt); the default is qwen3.py's initialisation")
 
     g = p.add_argument_group("training")
     g.add_argument("--batch-size", type=positive_int, default=None, help="sequences per micro-batch, over all "
-                   "processes; under torchrun with --grad-accum 1 the processes share it (default: device)")
-    g.add_argument("--seq-len", type=positive_int, default=None, help="tokens per sequence (default: device)")
+                   "processes; under torchrun with --grad-accum 1 the processes share it "
+                   + on_each_device("batch_size"))
+    g.add_argument("--seq-len", type=positive_int, default=None, help="tokens per sequence "
+                   + on_each_device("seq_len"))
     g.add_argument("--grad-accum", type=positive_int, default=1, help="micro-batches per optimizer step; "
                    "their gradients are averaged. Under torchrun the processes share them when it is above 1")
     g.add_argument("--max-steps", type=positive_int, default=None, help="optimizer steps; the LR schedule ends "
-                   "here. With --resume, a larger value stretches the remaining schedule (default: device)")
+                   "here. With --resume, a larger value stretches the remaining schedule "
+                   + on_each_device("max_steps"))
     g.add_argument("--optimizer", default="muon", help="muon (Muon for hidden matrices + AdamW) or adamw")
     g.add_argument("--lr", type=rate, default=None, help="peak AdamW learning rate: of the embedding, head and "
-                   "gains with muon, of everything with adamw (default: 3e-2 with muon on CPU, else 3e-3)")
-    g.add_argument("--muon-lr", type=rate, default=None, help="peak Muon learning rate (default: 0.02)")
+                   "gains with muon, of everything with adamw (default with muon: {:g} on CPU, {:g} on GPU; with "
+                   "adamw: {:g} on CPU, {:g} on GPU)".format(*(LR_DEFAULTS[d, o] for o in ("muon", "adamw")
+                                                                for d in ("cpu", "gpu"))))
+    g.add_argument("--muon-lr", type=rate, default=None, help="peak Muon learning rate "
+                   + on_each_device("muon_lr"))
     g.add_argument("--betas", type=below_one, nargs=2, default=[0.9, 0.95], help="AdamW betas")
     g.add_argument("--adam-eps", type=positive, default=1e-8, help="AdamW epsilon")
     g.add_argument("--weight-decay", type=non_negative, default=0.1, help="decoupled weight decay on matrices")
@@ -156,9 +168,9 @@ def build_parser() -> ArgumentParser:
 
     g = p.add_argument_group("evaluation and checkpoints")
     g.add_argument("--eval-every", type=positive_int, default=None, help="evaluate (and save last/) every N "
-                   "steps (default: device)")
+                   "steps " + on_each_device("eval_every"))
     g.add_argument("--eval-batches", type=positive_int, default=None, help="batches of each split per "
-                   "evaluation (default: device)")
+                   "evaluation " + on_each_device("eval_batches"))
     g.add_argument("--sample-tokens", type=count, default=80, help="tokens to sample at the end (0: none)")
     g.add_argument("--eval-sample-tokens", type=count, default=32, help="tokens to sample at every evaluation, "
                    "from the same start and seed each time, printed and kept in metrics.jsonl (0: none)")

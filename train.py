@@ -5,7 +5,7 @@ Train a Qwen3 from scratch, and keep what it learns.
     python train.py --data smollm            # the upstream corpus from the hub; on a GPU: the seed config
     python train.py --resume                 # continue out/last after Ctrl-C, SIGTERM, a crash or --stop-at
     python train.py --time-budget 10         # as many steps as fit in ten minutes on this machine
-    python train.py --help                   # every flag
+    python train.py --help                   # every flag, with its defaults on a CPU and on a GPU
     torchrun --standalone --nproc_per_node=8 train.py ...   # data-parallel on 8 GPUs (or CPU processes)
 
 Read it top to bottom:
@@ -30,10 +30,12 @@ and every rank then takes the same optimizer step, so all hold the same weights.
 import argparse
 import json
 import math
+import shlex
 import shutil
 import signal
 import sys
 import time
+import unicodedata
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -217,7 +219,7 @@ def open_out_dir(run: Run, state: RunState, resuming: bool):
 
 
 def describe(run: Run, state: RunState, resuming: bool):
-    """The run in three lines: its data, its model, its steps."""
+    """The run in a few lines: its data, its model, its steps, and what the numbers shown mean."""
     args, meta, config = run.args, run.data.meta, run.model.config
     say(f"data: {meta['source']}: {meta['train_tokens']:,} training tokens ({meta['train_docs']} documents), "
         f"{meta['val_tokens']:,} validation tokens ({meta['val_docs']} documents), tokenizer vocab "
@@ -232,6 +234,8 @@ def describe(run: Run, state: RunState, resuming: bool):
         f"{args.seq_len} x accum {args.grad_accum}), one epoch = {epoch_steps:.0f} steps; {args.optimizer} "
         f"({lrs}), device {run.device.type}{ranks}, {args.dtype}" + (", compiled" if args.compile else "")
         + (f"; resuming at step {state.step}" if resuming else ""))
+    say("the bar's batch_loss is the loss of the batch just trained on, in training mode (--dropout on); 'eval:' "
+        "lines score the same fixed windows of each split in eval mode, comparable from one to the next")
 
 
 # %% 3. Evaluation
@@ -286,12 +290,20 @@ def sample(model, tokenizer, n: int, device, seed: int) -> str:
     return tokenizer.decode(out[0, 1:], skip_special_tokens=True)
 
 
+def show_sample(label: str, text: str) -> str:
+    """`label` and a sample as the text reads, not a Python repr: its line breaks kept (indented
+    under the label's end); control and format characters, which a terminal would act on, escaped."""
+    text = "".join(repr(c)[1:-1] if unicodedata.category(c) in ("Cc", "Cf", "Zl", "Zp") and c not in "\n\t" else c
+                   for c in text)
+    return label + text.replace("\n", "\n" + " " * len(label))
+
+
 def log_eval(out: Path, record: dict, write):
-    write(f"step {record['step']:>5} | epoch {record['epoch']:.2f} | train loss {record['train_loss']:.4f} "
+    write(f"step {record['step']:>5} | epoch {record['epoch']:.2f} | eval: train loss {record['train_loss']:.4f} "
           f"({record['train_bpb']:.3f} bpb) | val loss {record['val_loss']:.4f} ({record['val_bpb']:.3f} bpb) | "
           f"ppl {record['val_ppl']:.2f} | acc {record['val_acc']:.3f} | {record['elapsed_s'] / 60:.1f} min")
     if "sample" in record:
-        write(f"  sample: {record['sample']!r}")
+        write(show_sample("  sample: ", record["sample"]))
     with open(out / "metrics.jsonl", "a") as f:
         f.write(json.dumps(record) + "\n")
 
@@ -439,22 +451,26 @@ def train(args, device: torch.device, info: dict | None, started: float) -> int:
                 if state.saved_at != state.step:
                     save_last(run, state)
                 why = signal.Signals(signum).name if signum else f"--stop-at {args.stop_at}"
-                stop.write(f"stopped at step {state.step} ({why}); {run.last} saved, continue with --resume")
+                launcher = "python" if run.world == 1 else "torchrun ..."
+                stop.write(f"stopped at step {state.step} ({why}); {run.last} saved. Continue with: "
+                           f"{launcher} train.py --resume --out-dir {shlex.quote(str(run.out))}")
                 return 128 + signum if signum else 0
 
             t0 = time.perf_counter()
             loss_value = train_step(run, state)
             state.steps_s += time.perf_counter() - t0
             bar.update(1)
-            bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{run.optimizers[0].param_groups[0]['lr']:.2e}",
+            bar.set_postfix(batch_loss=f"{loss_value:.3f}", lr=f"{run.optimizers[0].param_groups[0]['lr']:.2e}",
                             tok_s=f"{run.tokens_per_step / (time.perf_counter() - t0):,.0f}")
 
     if args.sample_tokens > 0 and run.rank == 0:
-        print(f"sample: {sample(run.model, run.data.tokenizer, args.sample_tokens, device, args.seed)!r}")
+        print(show_sample("sample: ", sample(run.model, run.data.tokenizer, args.sample_tokens, device, args.seed)))
     if state.best_step is not None:
         say(f"done: best val loss {state.best_val_loss:.4f} (ppl {perplexity(state.best_val_loss):.2f}, "
             f"{run.bits_per_byte(state.best_val_loss, 'val'):.3f} bits per byte) at step {state.best_step} in "
             f"{run.out / 'best'}; {run.last} is step {state.step}; {state.elapsed_s / 60:.1f} min of training")
+    say(f"next: python generate.py --ckpt {shlex.quote(str(run.out))}   (an interactive prompt; --prompt TEXT "
+        f"prints one sample)")
     return 0
 
 

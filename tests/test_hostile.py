@@ -204,6 +204,24 @@ def test_every_numeric_flag_has_a_range():
                 assert a.type(str(default)) == default, a.dest
 
 
+def test_help_gives_the_device_defaults_as_numbers():
+    """--help: each default that depends on the device is given on a CPU and on a GPU, not as 'device'."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), pytest.raises(SystemExit) as e:
+        train.main(["--help"])
+    assert e.value.code == 0
+    text = " ".join(out.getvalue().split())
+    assert "default: device" not in text
+    for dest, cpu in flags.DEVICE_DEFAULTS["cpu"].items():
+        gpu = flags.DEVICE_DEFAULTS["gpu"][dest]
+        (action,) = [a for a in flags.build_parser()._actions if a.dest == dest]
+        want = f"(default: {cpu})" if cpu == gpu else f"(default: {cpu} on CPU, {gpu} on GPU)"
+        assert " ".join(action.help.split()).endswith(want) and want in text, dest
+    lr = flags.LR_DEFAULTS
+    assert (f"(default with muon: {lr['cpu', 'muon']:g} on CPU, {lr['gpu', 'muon']:g} on GPU; with adamw: "
+            f"{lr['cpu', 'adamw']:g} on CPU, {lr['gpu', 'adamw']:g} on GPU)") in text
+
+
 @pytest.mark.parametrize("key, value, flag", [
     ("lr", -1.0, "--lr"), ("lr", float("nan"), "--lr"), ("lr", "fast", "--lr"), ("betas", [2.0, 0.9], "--betas"),
     ("betas", 0.9, "--betas"), ("seed", 1.5, "--seed"), ("save_every", -5, "--save-every"), ("dropout", True, "--dropout"),

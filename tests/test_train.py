@@ -262,6 +262,7 @@ def test_signal_saves_last_and_resume_finishes(cache, tmp_path, sig):
     stdout, stderr = proc.communicate(timeout=300)
     assert proc.returncode == 128 + sig, stderr
     assert "stopped at step" in stdout and "Traceback" not in stderr
+    assert f"Continue with: python train.py --resume --out-dir {out}\n" in stdout  # the folder in use, not out/
     step = json.loads((out / "last" / "training_state.json").read_text())["step"]
     assert 0 <= step < 400
     assert main(["--resume", "--out-dir", str(out), "--max-steps", str(step + 4)]) == 0

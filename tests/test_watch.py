@@ -21,7 +21,8 @@ from qwen3 import PRESETS, Qwen3, from_pretrained
 from test_train import TINY, main, metrics, run
 
 ROOT = Path(__file__).resolve().parent.parent
-WATCH = ["--max-steps", "8", "--eval-every", "4", "--dropout", "0.1", "--eval-sample-tokens", "8"]
+WATCH = ["--max-steps", "8", "--eval-every", "4", "--dropout", "0.1", "--eval-sample-tokens", "8",
+         "--sample-tokens", "8"]
 
 
 @pytest.fixture(scope="module")
@@ -128,6 +129,27 @@ def test_bits_per_byte_in_the_log_and_the_done_line(watched):
     assert f"(ppl {best['val_ppl']:.2f}, {best['val_bpb']:.3f} bits per byte) at step {best['step']}" in stdout
 
 
+def test_the_end_says_what_to_do_next(watched):
+    last = watched["stdout"].strip().splitlines()[-1]
+    assert last.startswith(f"next: python generate.py --ckpt {watched['out']} ")
+
+
+def test_the_two_training_losses_are_told_apart(cache, tmp_path, monkeypatch):
+    """The bar's loss (the batch just trained, dropout on) and the evaluation lines' train loss
+    (fixed windows, eval mode) differ: each is labelled, and a line at the start says why."""
+    import tqdm
+    bar, stdout = io.StringIO(), io.StringIO()
+    monkeypatch.setattr(train, "tqdm", lambda *a, **k: tqdm.tqdm(*a, **{**k, "disable": False, "file": bar}))
+    with contextlib.redirect_stdout(stdout):
+        assert run(cache, tmp_path / "out", "--max-steps", "2", "--eval-every", "2") == 0
+    shown = bar.getvalue()
+    assert re.search(r"batch_loss=\d+\.\d{3}", shown) and "loss=" not in shown.replace("batch_loss=", "")
+    evals = [line for line in stdout.getvalue().splitlines() if line.startswith("step ")]
+    assert len(evals) == 2 and all("| eval: train loss " in line for line in evals)
+    assert "the bar's batch_loss is the loss of the batch just trained on, in training mode (--dropout on); " \
+           "'eval:' lines score the same fixed windows of each split in eval mode" in stdout.getvalue()
+
+
 # %% curves.png
 
 
@@ -210,6 +232,13 @@ def test_plot_metrics_draws_several_runs(watched, tmp_path):
 # %% samples
 
 
+def printed_at(lines: list[str], at: int, label: str, sample: str):
+    """lines[at:] begin with the sample as train.py shows it: as text, not a Python repr (see
+    test_samples_are_shown_as_text)."""
+    text = train.show_sample(label, sample)
+    assert "\n".join(lines[at:at + text.count("\n") + 1]) == text
+
+
 def test_a_sample_at_every_evaluation(watched):
     """Stored with each record and printed under its log line; the last one is what last/'s model
     writes from the same start with the same seed."""
@@ -218,7 +247,9 @@ def test_a_sample_at_every_evaluation(watched):
     lines = watched["stdout"].splitlines()
     for r in records:
         at = next(i for i, line in enumerate(lines) if line.startswith(f"step {r['step']:>5} |"))
-        assert lines[at + 1] == f"  sample: {r['sample']!r}"
+        printed_at(lines, at + 1, "  sample: ", r["sample"])
+    end = next(i for i, line in enumerate(lines) if line.startswith("sample: "))  # the end's (8 tokens too)
+    printed_at(lines, end, "sample: ", records[-1]["sample"])
     tok = data.load_tokenizer(str(watched["out"] / "last"))
     model = from_pretrained(watched["out"] / "last")
     assert train.sample(model, tok, 8, torch.device("cpu"), seed=1337) == records[-1]["sample"]
@@ -226,6 +257,13 @@ def test_a_sample_at_every_evaluation(watched):
         model.train(mode)
         train.sample(model, tok, 2, torch.device("cpu"), seed=0)
         assert model.training == mode
+
+
+def test_samples_are_shown_as_text():
+    """No repr (a no-break space is a space); control and format characters, which a terminal would
+    act on, escaped; line breaks kept, under the label's end."""
+    assert train.show_sample("  sample: ", "a\xa0b\nc\x1bd\u202e\te\u2028") == \
+        "  sample: a\xa0b\n          c\\x1bd\\u202e\te\\u2028"
 
 
 def test_samples_leave_training_alone(watched, cache, tmp_path):
