@@ -55,7 +55,8 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 class ArgumentParser(argparse.ArgumentParser):
     def error(self, message):  # one line, not argparse's usage dump
-        sys.exit(2 * error(f"{message} (see --help)"))
+        error(f"{message} (see --help)")
+        sys.exit(2)
 
 
 # Every numeric flag has a range, checked as it is parsed (and, on --resume, on the values the

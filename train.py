@@ -18,7 +18,8 @@ Read it top to bottom:
                       and SIGTERM save last/ at the end of the step
 The rest is in modules named for what they do: data.py (where the tokens come from, in which
 order they are read), checkpoint.py (how a checkpoint survives a crash; one run per out-dir),
-flags.py, ranks.py (torchrun's processes), budget.py (--time-budget), plots.py (curves.png).
+flags.py, ranks.py (torchrun's processes), budget.py (--time-budget), plots.py (curves.png) and
+stopping.py (Ctrl-C and SIGTERM).
 
 Under torchrun the same loop runs in every process (a "rank") with PyTorch's
 DistributedDataParallel: the flags still fix the global batch, each rank reads its own share of
