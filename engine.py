@@ -2,8 +2,9 @@
 The engine: what qwen3.py computes, computed faster. Read qwen3.py first; nothing here changes what
 the model computes, only how, and tests/ hold each path to the chapter's.
 
-    1. FusedLoss         the training loss without holding the logits (chunk by chunk where they
-                         would not fit), for train.py
+    1. FusedLoss         the training loss in fewer kernels (fused norms, RoPE from tables, all experts
+                         in batched products) and without holding the logits where they cost more
+                         than they save (chunk by chunk on a CPU, or where memory is short)
     2. StaticKVCache     generation's cache allocated once and written in place
     3. Engine            generation: one new token in few, fused operations, from weights laid out
                          for it; on CUDA a fixed-shape step replayed as a CUDA graph; float16's guard
@@ -26,15 +27,30 @@ import torch.nn.functional as F
 from qwen3 import (NS_COEFFICIENTS, KVCache, MoE, Muon, Qwen3, can_attend, next_token_probs, next_tokens, rope_cos_sin,
                    sample_next_token)
 
-# %% 1. The training loss without the logits
-# In training the logits are only a stepping stone to the loss, yet at B*T rows by vocab columns in
+
+
+def rope_tables(config, length: int, device, dtype):
+    """The chapter's cos and sin for positions 0..length-1, (length, head_dim), made once; sin with
+    rotate_half's sign folded in, so that rotate_half(x) sin = roll(x, head_dim / 2) sin'."""
+    cos, sin = rope_cos_sin(torch.arange(length, device=device), config.head_dim, config.rope_theta, dtype,
+                            config.rope_scaling)
+    half = config.head_dim // 2
+    return cos, torch.cat((-sin[:, :half], sin[:, half:]), dim=-1)  # the sign rotate_half puts on x2
+
+
+# %% 1. The training loss, in fewer kernels and without the logits
+# A training step of a small model is many small operations, and each costs a launch (on a GPU) or
+# a dispatch (on a CPU) whatever its size. hidden_states computes the chapter's forward pass from
+# fewer: F.rms_norm (one fused kernel on GPUs, forward and backward, for the chapter's five-op
+# RMSNorm), RoPE from tables, and moe_forward, every expert's tokens in three batched products.
+# Then the loss. The logits are only a stepping stone to it, yet at B*T rows by vocab columns in
 # fp32 they are the step's largest tensor, and softmax, its backward and their gradients stream
-# through that many bytes again and again. Instead take the rows of h a chunk at a time: logits,
-# loss and at once the loss's gradient, dlogits = (softmax - onehot) / n_kept, folded into
-# grad_h = dlogits W and grad_W += dlogits^T h before the next chunk; backward only scales the two
-# saved gradients. The idea of Liger Kernel's fused linear cross-entropy (Hsu et al. 2024) and Cut
-# Cross-Entropy (Wijmans et al. 2024). Chunks pay where memory is short or slow to touch (a CPU);
-# a GPU runs the whole batch as one chunk while its logits fit a memory budget.
+# through that many bytes again and again. linear_cross_entropy takes the rows of h a chunk at a
+# time: logits, loss and at once the loss's gradient, dlogits = (softmax - onehot) / n_kept, folded
+# into grad_h = dlogits W and grad_W += dlogits^T h before the next chunk; backward only scales the
+# two saved gradients (the idea of Liger Kernel's fused linear cross-entropy, Hsu et al. 2024, and of
+# Cut Cross-Entropy, Wijmans et al. 2024). Chunks pay where memory is short or slow to touch (a CPU);
+# a GPU takes the plain logits while they fit a memory budget: chunks launch many more kernels.
 
 
 class LinearCrossEntropy(torch.autograd.Function):
@@ -337,14 +353,6 @@ def decode_weights(model: Qwen3, k: int, pack: bool) -> DecodeWeights:
             down=None if isinstance(mlp, MoE) else blocks(mlp.down_proj.weight),
             moe=mlp if isinstance(mlp, MoE) else None, window=a.window))
     return DecodeWeights(layers, blocks(model.lm_head.weight), pack)
-
-
-def rope_tables(config, length: int, device, dtype):
-    """cos and sign-folded sin (length, head_dim) for positions 0..length-1: the chapter's values."""
-    cos, sin = rope_cos_sin(torch.arange(length, device=device), config.head_dim, config.rope_theta, dtype,
-                            config.rope_scaling)
-    half = config.head_dim // 2
-    return cos, torch.cat((-sin[:, :half], sin[:, half:]), dim=-1)  # the sign rotate_half puts on x2
 
 
 def experts_step(moe: MoE, h):
