@@ -35,7 +35,8 @@ DEVICE_DEFAULTS = {
 LR_DEFAULTS = {("cpu", "muon"): 3e-2, ("cpu", "adamw"): 3e-3, ("gpu", "muon"): 3e-3, ("gpu", "adamw"): 3e-3}
 # Model-shape flags: None keeps the preset's value.
 SHAPE_FLAGS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
-               "head_dim", "rope_theta", "tie_word_embeddings")
+               "head_dim", "rope_theta", "tie_word_embeddings", "num_experts", "num_experts_per_tok",
+               "moe_intermediate_size")
 # Flags about this invocation rather than the run; --resume does not take them from the checkpoint.
 SESSION_FLAGS = ("device", "dtype", "compile", "out_dir", "resume", "overwrite", "stop_at")
 
@@ -122,7 +123,11 @@ def build_parser() -> ArgumentParser:
                              ("num-attention-heads", positive_int, "query heads"),
                              ("num-key-value-heads", positive_int, "key/value heads (GQA)"),
                              ("head-dim", positive_int, "width of one head"),
-                             ("rope-theta", positive, "RoPE base")]:
+                             ("rope-theta", positive, "RoPE base"),
+                             ("num-experts", count, "experts in each sparse layer; 0: dense (a mixture of experts: "
+                              "--preset cpu-moe)"),
+                             ("num-experts-per-tok", positive_int, "experts each token is routed to"),
+                             ("moe-intermediate-size", positive_int, "width of one expert's MLP")]:
         g.add_argument(f"--{flag}", type=kind, default=None, help=f"{what} (default: the preset's)")
     g.add_argument("--tie-word-embeddings", action=argparse.BooleanOptionalAction, default=None,
                    help="share the embedding and output matrices (default: the preset's)")

@@ -102,12 +102,39 @@ def plot_curves(runs: dict[str, list[dict]], path: Path, x: str = "step", title:
     return fig
 
 
+def plot_expert_load(records: list[dict], path: Path, title: str | None = None):
+    """A mixture of experts' routing over training: for each sparse layer, a heatmap of the share of
+    routing slots each expert took (rows) at each evaluation (columns). Balanced routing is an even
+    colour at 1/E; a collapsed router, one bright row."""
+    from matplotlib.figure import Figure
+    records = [r for r in records if "expert_load" in r]
+    layers = records[0]["expert_load"]  # {layer index: [share of each expert]}
+    top = max(share for r in records for shares in r["expert_load"].values() for share in shares)
+    fig = Figure(figsize=(8, 1.2 + 1.6 * len(layers)), layout="constrained")
+    axes = fig.subplots(len(layers), 1, squeeze=False, sharex=True)[:, 0]
+    for ax, layer in zip(axes, layers):
+        load = [[r["expert_load"][layer][e] for r in records] for e in range(len(layers[layer]))]
+        image = ax.imshow(load, aspect="auto", interpolation="nearest", cmap="viridis", vmin=0, vmax=top,
+                          extent=(-0.5, len(records) - 0.5, len(load) - 0.5, -0.5))
+        ax.set_ylabel(f"layer {layer}\nexpert")
+    fig.colorbar(image, ax=list(axes), label="share of routing slots (one scale for all layers)")
+    ticks = list(range(0, len(records), max(1, len(records) // 8)))
+    ax.set_xticks(ticks, labels=[str(records[i]["step"]) for i in ticks])
+    ax.set_xlabel("optimizer step of the evaluation")
+    fig.suptitle(title or "expert load")
+    save(fig, path)
+
+
 def redraw_curves(out: Path, params: int, warn):
-    """OUT/curves.png from OUT/metrics.jsonl, as train.py keeps it at every evaluation; a failure is
-    one warning line: a picture is never worth the run."""
+    """OUT/curves.png from OUT/metrics.jsonl, as train.py keeps it at every evaluation, and for a
+    mixture of experts OUT/experts.png beside it; a failure is one warning line: a picture is never
+    worth the run."""
     try:
         records = read_metrics(out / "metrics.jsonl")
-        plot_curves({"": records}, out / "curves.png", title=run_title(out, records, params))
+        title = run_title(out, records, params)
+        plot_curves({"": records}, out / "curves.png", title=title)
+        if "expert_load" in records[-1]:
+            plot_expert_load(records, out / "experts.png", title=f"expert load (validation): {title}")
     except Exception as e:
         warn(f"warning: {out / 'curves.png'} not updated ({type(e).__name__}: {one_line(e, 200)})")
 

@@ -470,8 +470,11 @@ class Qwen3(nn.Module):
             return 0.0
         return self.config.router_aux_loss_coef * load_balancing_loss(routers, self.config.num_experts_per_tok, attention_mask)
 
-    def num_params(self) -> int:
-        return sum(p.numel() for p in self.parameters())  # a tied matrix is counted once
+    def num_params(self, active: bool = False) -> int:
+        """Parameters, a tied matrix once; active: of each sparse layer's experts, only the k a token uses."""
+        n = sum(p.numel() for p in self.parameters())
+        experts = [layer.mlp.experts.gate_proj for layer in self.model.layers if isinstance(layer.mlp, MoE)]
+        return n - sum(3 * w[0].numel() * (len(w) - self.config.num_experts_per_tok) for w in experts) if active else n
 
 
 # %% 8. KV cache

@@ -55,7 +55,7 @@ from common import UserError, error, pick_device
 from data import Batches, TokenData, fixed_starts, prepare_data, target_bytes, token_bytes, windows
 from engine import FastMuon, FusedLoss
 from plots import read_metrics, redraw_curves
-from qwen3 import CheckpointError, Muon, Qwen3, configure_optimizers, from_pretrained, generate
+from qwen3 import CheckpointError, MoE, Muon, Qwen3, configure_optimizers, from_pretrained, generate, load_balancing_loss
 from ranks import all_ranks, first_on_each_machine, init_distributed, rank_and_world, same_on_every_rank, say
 from stopping import StopRequest
 
@@ -174,7 +174,7 @@ def setup(args, device: torch.device, info: dict | None, log=say) -> Run:
     if args.zero_init_output:
         for layer in model.model.layers:
             torch.nn.init.zeros_(layer.self_attn.o_proj.weight)
-            torch.nn.init.zeros_(layer.mlp.down_proj.weight)
+            torch.nn.init.zeros_(layer.mlp.experts.down_proj if isinstance(layer.mlp, MoE) else layer.mlp.down_proj.weight)
     if info is not None:
         model.load_state_dict(from_pretrained(last).state_dict())
     model.to(device)
@@ -225,9 +225,11 @@ def describe(run: Run, state: RunState, resuming: bool):
     say(f"data: {meta['source']}: {meta['train_tokens']:,} training tokens ({meta['train_docs']} documents), "
         f"{meta['val_tokens']:,} validation tokens ({meta['val_docs']} documents), tokenizer vocab "
         f"{len(run.data.tokenizer)}")
-    say("model: " + json.dumps({k: getattr(config, k) for k in ("vocab_size", *flags.SHAPE_FLAGS, "dropout",
+    moe = ("num_experts", "num_experts_per_tok", "moe_intermediate_size") if config.num_experts else ()
+    say("model: " + json.dumps({k: getattr(config, k) for k in ("vocab_size", *flags.SHAPE_FLAGS, *moe, "dropout",
                                                                 "max_position_embeddings")})
-        + f", {run.model.num_params() / 1e6:.2f}M parameters")
+        + f", {run.model.num_params() / 1e6:.2f}M parameters"
+        + (f", {run.model.num_params(active=True) / 1e6:.2f}M active a token" if moe else ""))
     epoch_steps = run.batches.windows_per_epoch * args.seq_len / run.tokens_per_step
     lrs = f"lr {args.lr:g}" + (f", muon lr {args.muon_lr:g}" if args.optimizer == "muon" else "")
     ranks = f" x {run.world} processes (each batch {run.batch} x accum {run.accum})" if run.world > 1 else ""
@@ -247,7 +249,9 @@ def describe(run: Run, state: RunState, resuming: bool):
 # targets stand for (counted once, at setup: data.target_bytes), which compares runs whose
 # tokenizers differ, as loss per token cannot. EOS targets count in the sum (where a document ends
 # is part of the task) and stand for 0 bytes. Under torchrun each rank scores every world-th batch
-# and the sums are added up across ranks.
+# and the sums are added up across ranks. A mixture of experts also records its load-balancing loss
+# (unweighted; not in val_loss) and each sparse layer's expert load: the share of routing slots each
+# expert took over the validation windows (OUT/experts.png draws it over training).
 #
 # Every --eval-every steps (and at the end) the scores are logged, with a short sample from the
 # same start (an empty document) and seed each time, so the text can be watched turning from
@@ -256,22 +260,33 @@ def describe(run: Run, state: RunState, resuming: bool):
 
 
 @torch.no_grad()
-def evaluate(run: Run, split: str) -> tuple[float, float]:
-    """The mean loss and next-token accuracy of the model on `split`'s fixed windows, in eval mode."""
-    starts, n = run.eval_starts[split], run.args.batch_size
+def evaluate(run: Run, split: str) -> dict:
+    """The model on `split`'s fixed windows, in eval mode: {"loss", "acc"}, and for a mixture of
+    experts {"aux_loss", "expert_load": {layer: [share of each expert]}}."""
+    starts, n, k = run.eval_starts[split], run.args.batch_size, run.model.config.num_experts_per_tok
+    sparse = [(i, layer.mlp) for i, layer in enumerate(run.model.model.layers) if isinstance(layer.mlp, MoE)]
+    sums = torch.zeros(4, dtype=torch.float64, device=run.device)  # loss, correct guesses, aux loss, tokens
+    load = torch.zeros(len(sparse), run.model.config.num_experts, dtype=torch.float64, device=run.device)
     run.model.eval()
-    loss_sum, correct, count = 0.0, 0, 0
     for i in range(run.rank * n, len(starts), run.world * n):
         x, y = windows(getattr(run.data, split), starts[i:i + n], run.args.seq_len)
         x, y = torch.from_numpy(x).to(run.device), torch.from_numpy(y).to(run.device)
         with run.autocast:
-            logits, loss = run.model(x, y)
-        loss_sum += loss.item() * y.numel()
-        correct += (logits.argmax(-1) == y).sum().item()
-        count += y.numel()
+            logits, _ = run.model(x)
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), y.flatten())  # the model's alone
+        routers = [moe.router_logits for _, moe in sparse]
+        aux = load_balancing_loss(routers, k).double() if sparse else torch.zeros((), device=run.device)
+        sums += torch.stack([loss.double(), (logits.argmax(-1) == y).double().mean(), aux, torch.ones_like(aux)]) * y.numel()
+        for j, (_, moe) in enumerate(sparse):  # routing slots each expert took
+            load[j] += torch.bincount(moe.choose(routers[j])[1].flatten(), minlength=load.size(1))
     run.model.train()
-    loss_sum, correct, count = all_ranks([loss_sum, correct, count], run.device)
-    return loss_sum / count, correct / count
+    values = all_ranks(sums.tolist() + load.flatten().tolist(), run.device)  # summed over ranks
+    loss_sum, correct, aux_sum, count = values[:4]
+    scores = dict(loss=loss_sum / count, acc=correct / count)
+    if sparse:
+        load = torch.tensor(values[4:]).view(len(sparse), -1)
+        scores.update(aux_loss=aux_sum / count, expert_load={i: (row / row.sum()).tolist() for (i, _), row in zip(sparse, load)})
+    return scores
 
 
 def perplexity(loss: float) -> float:
@@ -315,14 +330,15 @@ def evaluate_and_save(run: Run, state: RunState, write):
     args, step = run.args, state.step
     evaluating = step % args.eval_every == 0 or step == args.max_steps
     if evaluating:
-        (train_loss, _), (val_loss, val_acc) = evaluate(run, "train"), evaluate(run, "val")
+        train_scores, val = evaluate(run, "train"), evaluate(run, "val")
+        train_loss, val_loss = train_scores["loss"], val["loss"]
         if run.rank == 0:
             lr = run.optimizers[0].param_groups[0]["base_lr"] * lr_multiplier(step, *run.schedule)
             record = dict(step=step, epoch=run.batches.epochs(step * args.batch_size * args.grad_accum),
                           tokens=step * run.tokens_per_step, train_loss=train_loss, val_loss=val_loss,
                           train_bpb=run.bits_per_byte(train_loss, "train"), val_bpb=run.bits_per_byte(val_loss, "val"),
-                          val_ppl=perplexity(val_loss), val_acc=val_acc, lr=lr, elapsed_s=state.elapsed_s,
-                          steps_s=state.steps_s)
+                          val_ppl=perplexity(val_loss), val_acc=val["acc"], lr=lr, elapsed_s=state.elapsed_s,
+                          steps_s=state.steps_s, **{k: val[k] for k in ("aux_loss", "expert_load") if k in val})
             if args.eval_sample_tokens > 0:
                 record["sample"] = sample(run.model, run.data.tokenizer, args.eval_sample_tokens, run.device,
                                           args.seed)
@@ -400,19 +416,26 @@ def train_step(run: Run, state: RunState) -> float:
         first = (step * args.grad_accum * args.batch_size  # global sample number: the step's first,
                  + run.rank * run.accum * run.batch + micro * run.batch)  # this rank's share, this micro-batch
         x, y = windows(run.data.train, run.batches.starts(np.arange(first, first + run.batch)), args.seq_len)
-        x, y = (torch.from_numpy(a).to(run.device, non_blocking=True) for a in (x, y))
+        # a GPU copies pinned memory while it computes; from pageable memory it would wait for the copy
+        x, y = (torch.from_numpy(a).pin_memory() if run.device.type == "cuda" else torch.from_numpy(a) for a in (x, y))
+        x, y = x.to(run.device, non_blocking=True), y.to(run.device, non_blocking=True)
         with run.fused_loss.no_sync() if run.world > 1 and micro < run.accum - 1 else nullcontext():  # sync once
             with run.autocast:
                 loss = run.fused_loss(x, y)
             (loss / run.accum).backward()
         loss_sum += loss.detach()
-    loss_value = all_ranks([(loss_sum / run.accum).item()], run.device)[0] / run.world  # the global batch's mean
-    if not math.isfinite(loss_value):  # the same value on every rank: all stop here together
+    # The step's one wait for the device: the loss, before the update, so that a non-finite loss stops
+    # the run with the weights and optimizer states as they were (last/ keeps the last good state).
+    loss = loss_sum / run.accum
+    if run.world > 1:
+        dist.all_reduce(loss)
+    loss_value = loss.item() / run.world  # the global batch's mean, the same on every rank: all stop together
+    if not math.isfinite(loss_value):
         kept = f"{run.last} (step {state.saved_at})" if state.saved_at is not None else None
         raise UserError(f"loss is {loss_value} at step {step + 1}; stopped. "
                         f"Last good checkpoint: {kept or 'none, nothing was saved yet'}")
     if args.grad_clip > 0:
-        torch.nn.utils.clip_grad_norm_(run.model.parameters(), args.grad_clip)
+        torch.nn.utils.clip_grad_norm_(run.model.parameters(), args.grad_clip)  # on the device: no wait
     for opt in run.optimizers:
         opt.step()
         opt.zero_grad(set_to_none=True)

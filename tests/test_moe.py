@@ -201,6 +201,7 @@ def test_the_real_shapes_count_as_transformers_counts():
         assert ours.num_params() == sum(p.numel() for p in theirs.parameters())
         c = cfg
         inactive = c.num_hidden_layers * (c.num_experts - c.num_experts_per_tok) * 3 * c.hidden_size * c.moe_intermediate_size
+        assert ours.num_params(active=True) == ours.num_params() - inactive
         if name == "qwen3-30b-a3b":
             assert 30.4e9 < ours.num_params() < 30.6e9 and 3.2e9 < ours.num_params() - inactive < 3.4e9
         else:

@@ -377,3 +377,32 @@ def test_optimizer_benchmark_finds_when_each_run_reaches_the_target():
     assert muon["step_time_ratio"] == pytest.approx(1.1)  # Muon's step overhead: 10%
     assert rows["muon lr=0.04"]["step_to_target"] is None and rows["adamw lr=1e-3"]["step_to_target"] is None
     assert "| muon lr=0.02 | 3.0000 | 1.0000 | 1100 (1.10) | 15 | 30 (0.50) | 16 (0.55) |" in optimizers.table(s)
+
+
+def test_a_mixture_of_experts_trains_and_shows_its_routing(cache, tmp_path):
+    """Issue #22: --preset cpu-moe trains; each evaluation records the load-balancing loss and every
+    sparse layer's expert load, and OUT/experts.png is drawn. The final record against transformers'
+    Qwen3MoeForCausalLM, loaded from last/ and run on the same validation windows: the share of routing
+    slots each expert took, and its load_balancing_loss_func."""
+    from transformers import AutoModelForCausalLM
+    from transformers.models.qwen3_moe.modeling_qwen3_moe import load_balancing_loss_func
+    out = tmp_path / "moe"
+    assert run(cache, out, "--preset", "cpu-moe", "--num-experts", "4", "--moe-intermediate-size", "16",
+               "--max-steps", "6", "--eval-every", "3") == 0
+    records = metrics(out)
+    assert [sorted(r["expert_load"]) for r in records] == [["0", "1"]] * 3  # both of TINY's layers are sparse
+    assert (out / "experts.png").stat().st_size > 0
+    info = json.loads((out / "last" / "training_state.json").read_text())
+    meta = json.loads((cache / f"tokens-{info['data_key']}" / "meta.json").read_text())
+    val = np.fromfile(cache / f"tokens-{info['data_key']}" / "val.bin", dtype=meta["dtype"]).astype(np.int64)
+    windows = torch.from_numpy(np.stack([val[s:s + 32] for s in data.fixed_starts(val, 32, 8)]))  # 2 batches x 4
+    hf = AutoModelForCausalLM.from_pretrained(out / "last", attn_implementation="eager").eval()
+    assert type(hf).__name__ == "Qwen3MoeForCausalLM"
+    with torch.no_grad():
+        routers = [hf(w, output_router_logits=True).router_logits for w in windows.split(4)]  # per batch, per layer
+    for layer in range(2):
+        chosen = torch.cat([r[layer] for r in routers]).softmax(-1).topk(2).indices
+        want = torch.bincount(chosen.flatten(), minlength=4) / chosen.numel()
+        assert records[-1]["expert_load"][str(layer)] == pytest.approx(want.tolist(), abs=1e-6)
+    aux = [load_balancing_loss_func(r, 4, 2).item() for r in routers]  # the mean over the windows' batches
+    assert records[-1]["aux_loss"] == pytest.approx(sum(aux) / len(aux), rel=1e-5)
