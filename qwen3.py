@@ -745,11 +745,22 @@ def config_from_dict(d: dict) -> Qwen3Config:
     return Qwen3Config(**kwargs)
 
 
+def read_json(path: Path, limit: int = 2**24):
+    """A small JSON file, refused (ValueError) if it is not a regular file of at most `limit` bytes: a
+    named pipe would block the reader forever, /dev/zero fill its memory."""
+    if not path.is_file() or path.stat().st_size > limit:
+        raise ValueError(f"not a regular file of at most {limit:,} bytes")
+    try:
+        return json.loads(path.read_text())
+    except RecursionError:  # nested thousands deep
+        raise ValueError("nested too deep") from None
+
+
 def read_config(path) -> Qwen3Config:
     """A checkpoint's config.json (the file, or its folder); CheckpointError if unusable."""
     path = Path(path) / "config.json" if Path(path).is_dir() else Path(path)
     try:
-        return config_from_dict(json.loads(path.read_text()))
+        return config_from_dict(read_json(path))
     except (ValueError, TypeError, OSError) as e:  # JSONDecodeError is a ValueError
         raise CheckpointError(f"{path}: {' '.join(str(e).split())}") from None
 
@@ -766,8 +777,11 @@ def load_state_dict(path: Path) -> dict:
     from safetensors.torch import load_file
     index = path / "model.safetensors.index.json"
     try:
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else \
+        files = sorted(set(read_json(index)["weight_map"].values())) if index.exists() else \
             ["model.safetensors"] if (path / "model.safetensors").exists() else None
+        if any(not isinstance(f, str) or Path(f).name != f for f in files or ()):  # no ../, no other folder
+            raise ValueError(f"its weight_map names {next(f for f in files if not isinstance(f, str) or Path(f).name != f)!r}, "
+                             f"not a file of this folder")
     except (ValueError, KeyError, AttributeError, TypeError) as e:
         raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from None
     if files is None:
@@ -775,9 +789,14 @@ def load_state_dict(path: Path) -> dict:
     state = {}
     for file in files:
         try:
+            if not (path / file).is_file():  # a named pipe would block forever
+                raise ValueError("not a regular file")
             state.update(load_file(path / file))
         except Exception as e:  # safetensors raises several types for truncated or garbled files
             raise CheckpointError(f"{path / file}: unreadable safetensors file ({' '.join(str(e).split()) or type(e).__name__})") from None
+    odd = next((k for k, v in state.items() if not v.is_floating_point()), None)
+    if odd:
+        raise CheckpointError(f"{path}: {odd} holds {state[odd].dtype} values, not floating point weights")
     return state
 
 
@@ -799,10 +818,15 @@ def stack_experts(state: dict, config: Qwen3Config, path) -> dict:
 def from_pretrained(path, dtype=None, device=None) -> Qwen3:
     """A transformers Qwen3 checkpoint folder as our model, in eval mode. dtype None: as stored."""
     path = Path(path)
-    if not (path / "config.json").is_file():
+    if not (path / "config.json").exists():
         raise CheckpointError(f"{path}: not a checkpoint directory (no config.json)")
     config = read_config(path)
-    state = stack_experts(load_state_dict(path), config, path)
+    state = load_state_dict(path)
+    layers = {int(k.split(".")[2]) for k in state if k.startswith("model.layers.") and k.split(".")[2].isdigit()}
+    if layers != set(range(config.num_hidden_layers)):  # before building a model of that many layers
+        raise CheckpointError(f"{path}: config.json says {config.num_hidden_layers} layers, the weights hold "
+                              f"{len(layers)}")
+    state = stack_experts(state, config, path)
     with torch.device("meta"):  # shapes only: no time spent on random weights about to be replaced
         model = Qwen3(config)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}

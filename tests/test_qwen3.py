@@ -248,6 +248,50 @@ def test_bf16_checkpoint_matches_transformers_and_keeps_rope_fp32(model_pair, as
         assert_logits_close(ours32(idx[:, :64])[0], hf32(idx[:, :64]).logits)
 
 
+HOSTILE_FILES = {  # what a checkpoint folder may hold instead of what it should -> words the one line must hold
+    "config_is_a_fifo": ("config.json", "fifo", "not a regular file"),
+    "weights_are_a_fifo": ("model.safetensors", "fifo", "not a regular file"),
+    "config_nested_deep": ("config.json", "[" * 100_000 + "]" * 100_000, "nested too deep"),
+    "config_too_large": ("config.json", " " * (2**24 + 1) + "{}", "at most 16,777,216 bytes"),
+    "string_for_a_boolean": ("config.json", {"tie_word_embeddings": "false"}, "tie_word_embeddings must be true or false"),
+    "nan_theta": ("config.json", {"rope_theta": float("nan"), "rope_parameters": {"rope_type": "default", "rope_theta": float("nan")}},
+                  "rope_theta must be a finite number > 0"),
+    "negative_eps": ("config.json", {"rms_norm_eps": -1e-6}, "rms_norm_eps must be a finite number > 0"),
+    "float_layer_count": ("config.json", {"num_hidden_layers": 2.5}, "num_hidden_layers must be an integer"),
+    "many_layers": ("config.json", {"num_hidden_layers": 100_000, "layer_types": None}, "config.json says 100000 layers, the weights hold 2"),
+    "index_escapes": ("model.safetensors.index.json", {"weight_map": {"lm_head.weight": "../model.safetensors"}},
+                      "not a file of this folder"),
+    "index_value_not_a_name": ("model.safetensors.index.json", {"weight_map": {"lm_head.weight": 7}},
+                               "not a file of this folder"),
+    "integer_weights": ("model.safetensors", "int", "holds torch.int64 values, not floating point weights"),
+}
+
+
+@pytest.mark.parametrize("name", HOSTILE_FILES)
+def test_hostile_checkpoint_files_are_one_line(name, model_pair, tmp_path):
+    """Issue #23: every file of a checkpoint is checked, cheap facts first, before anything expensive
+    (a pipe never read, a 100,000-layer config never built): one CheckpointError line naming the file."""
+    from safetensors.torch import load_file, save_file
+    _, ours = model_pair()
+    save_pretrained(ours, tmp_path)
+    file, content, words = HOSTILE_FILES[name]
+    path = tmp_path / file
+    if content == "fifo":
+        path.unlink()
+        os.mkfifo(path)
+    elif content == "int":
+        weights = load_file(path)
+        weights["model.norm.weight"] = weights["model.norm.weight"].long()
+        save_file(weights, path)
+    elif isinstance(content, dict) and file == "config.json":
+        path.write_text(json.dumps({**json.loads(path.read_text()), **content}))
+    else:
+        path.write_text(content if isinstance(content, str) else json.dumps(content))
+    with pytest.raises(CheckpointError) as e:
+        from_pretrained(tmp_path)
+    assert "\n" not in str(e.value) and words in str(e.value) and file.split(".")[0] in str(e.value), str(e.value)
+
+
 def test_checkpoint_errors(model_pair, tmp_path):
     _, ours = model_pair()
 
