@@ -565,14 +565,18 @@ def sample_next_token(logits, temperature=1.0, top_k=None, top_p=None, generator
 # computes the tokens: next_tokens below, or an engine.Engine, which computes the same tokens faster.
 
 
-def check_decoding(idx, max_new_tokens, temperature, top_k, top_p, attention_mask):
-    """Refuse, before any work, what would fail deep inside or quietly do the wrong thing."""
+def check_decoding(model, idx, max_new_tokens, temperature, top_k, top_p, attention_mask):
+    """Refuse, before any work, what would fail deep inside, quietly do the wrong thing, or ask for
+    memory out of proportion (a cache for 10**9 tokens)."""
     if not (isinstance(idx, torch.Tensor) and idx.dim() == 2 and not idx.is_floating_point()):
         raise ValueError(f"the prompt must be token ids of shape (B, T), got {getattr(idx, 'shape', type(idx))}")
     if idx.size(1) == 0:
         raise ValueError("the prompt is empty: give at least one token (a BOS, say)")
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+    if idx.size(1) + max_new_tokens > model.config.max_position_embeddings:
+        raise ValueError(f"the prompt ({idx.size(1)} tokens) and max_new_tokens ({max_new_tokens}) exceed the model's "
+                         f"context of {model.config.max_position_embeddings} tokens (max_position_embeddings)")
     top_p_filter(top_k_filter(next_token_probs(torch.zeros(1, 1), temperature), top_k), top_p)  # their checks
     if attention_mask is not None and not left_padding(attention_mask, idx.shape).lt(idx.size(1)).all():
         raise ValueError("every row of attention_mask needs a token (1)")
@@ -603,7 +607,7 @@ def generate(model: Qwen3, idx, max_new_tokens, temperature=1.0, top_k=None, top
     tokens, 0 for left padding. A row that has emitted an EOS is filled after it with pad_token_id,
     else the config's, else the first EOS id (transformers' rule); all rows done, it stops early.
     Call model.eval() first."""
-    check_decoding(idx, max_new_tokens, temperature, top_k, top_p, attention_mask)
+    check_decoding(model, idx, max_new_tokens, temperature, top_k, top_p, attention_mask)
     eos = torch.tensor(eos_ids(eos_token_id), dtype=torch.long, device=idx.device)
     fill = pad_token_id if pad_token_id is not None else model.config.pad_token_id
     fill = fill if fill is not None else eos[:1]
@@ -623,7 +627,7 @@ def stream(model: Qwen3, idx, max_new_tokens, temperature=1.0, top_k=None, top_p
     """Like generate for one sequence (1, T), but yields each new token id as soon as it exists,
     stopping at EOS without yielding it; with_probs, (id, the distribution (vocab,) it was drawn
     from). Bad arguments raise at the call, not at the first token."""
-    check_decoding(idx, max_new_tokens, temperature, top_k, top_p, None)
+    check_decoding(model, idx, max_new_tokens, temperature, top_k, top_p, None)
     if idx.size(0) != 1:
         raise ValueError(f"stream takes one sequence, shape (1, T), got {tuple(idx.shape)}: use generate for batches")
     eos = set(eos_ids(eos_token_id))

@@ -277,6 +277,7 @@ def test_float16_decoding_stays_close_to_float32(model_pair):
     (dict(idx=torch.zeros(1, 3)), "token ids"),
     (dict(max_new_tokens=-3), "max_new_tokens"),
     (dict(max_new_tokens=2.5), "max_new_tokens"),
+    (dict(max_new_tokens=10**9), "exceed the model's context of 1024 tokens"),  # no cache sized for 10**9
     (dict(temperature=-1.0), "temperature"),
     (dict(temperature=float("nan")), "temperature"),
     (dict(top_k=-1), "top_k"),
