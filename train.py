@@ -300,6 +300,7 @@ def sample(model, tokenizer, n: int, device, seed: int) -> str:
     training = model.training
     model.eval()
     idx = torch.tensor([[tokenizer.eos_token_id]], device=device)
+    n = min(n, model.config.max_position_embeddings - 1)  # the context the model was trained on
     out = generate(model, idx, n, temperature=0.8, top_k=50, eos_token_id=tokenizer.eos_token_id,
                    generator=torch.Generator(device).manual_seed(seed))
     model.train(training)
