@@ -8,12 +8,15 @@ one process, one machine, alternating between the two so both see the same machi
     python bench.py --shape qwen3-0.6b           # decode rows only, at the real Qwen3-0.6B shape (slow)
 
 Prints a table of ratios (ours / theirs; above 1 means we are faster, or use less memory for the
-memory row) and writes the raw numbers as JSON (--json). Every decode row also prints its
-bandwidth bound: the bytes of weights one decoding step reads, over the speed at which PyTorch
-streams those very matrices (the model's own weights, one vector or one row per sequence through
-each, in the order and layout of the engine's step: packed where it packs), measured in the
-same rounds as the two models; the fraction of that bound each side reaches; and both again for the
-decoding steps alone, the prompt's prefill (timed on its own in the same rounds) taken out.
+memory row) and writes the raw numbers as JSON (--json). Ours decodes as generate.py does
+(qwen3.generate with an engine.Engine; on a GPU, bf16 weights). Every decode row also prints its
+bandwidth bound: the bytes of weights one decoding step reads, over the speed at which they can be
+streamed, measured in the same rounds as the two models: on a CPU through the step's own
+matrix-vector products (the model's weights, one vector or one row per sequence through each, in
+the order and layout of the engine's step), on a GPU by a device-to-device copy of as many bytes;
+the fraction of that bound each side reaches; and both again for the decoding steps alone, the
+prompt's prefill (timed on its own in the same rounds) taken out. benchmarks/gpu.py measures a GPU
+in one command, bench.py's rows among its sections.
 """
 
 import argparse
@@ -135,13 +138,12 @@ def decode_fn(model, prompt, n, ours, args, mask=None):
     engine = Engine(getattr(model, "_orig_mod", model)) if ours else None
 
     @torch.no_grad()
-    def dec():
-        with autocast(args):
-            if ours:
-                generate(engine.model, prompt, n, temperature=0, attention_mask=mask, decoder=engine)
-            else:
-                model.generate(prompt, attention_mask=torch.ones_like(prompt) if mask is None else mask,
-                               max_new_tokens=n, min_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0)
+    def dec():  # no autocast: on a GPU the weights are bf16 themselves, as generate.py loads them
+        if ours:
+            generate(engine.model, prompt, n, temperature=0, attention_mask=mask, decoder=engine)
+        else:
+            model.generate(prompt, attention_mask=torch.ones_like(prompt) if mask is None else mask,
+                           max_new_tokens=n, min_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0)
     return dec
 
 
@@ -164,6 +166,19 @@ def gemv_fn(matrices, rows, n):
             for m, x in zip(matrices, xs):
                 project(x, m)
     return passes
+
+
+def copy_fn(nbytes, n, device):
+    """n device-to-device copies moving nbytes each (half read, half written): a GPU's bandwidth,
+    the bound of a decoding step that reads nbytes of weights (a GPU's matrix-vector products of
+    one vector are too small to stream at it)."""
+    src = torch.empty(nbytes // 4, dtype=torch.bfloat16, device=device)
+    dst = torch.empty_like(src)
+
+    def copies():
+        for _ in range(n):
+            dst.copy_(src)
+    return copies
 
 
 def padded_prompts(cfg, B, device, seed=0):
@@ -304,16 +319,18 @@ def main():
         t0 = time.perf_counter()
         weights = decode_matrices(m_ours, B)  # where the engine packs, the copy is made here
         repack_s = time.perf_counter() - t0
+        per_step = sum(w.numel() * w.element_size() for w in weights)
+        bound_fn = copy_fn(per_step, n, args.device) if gpu else gemv_fn(weights, B, n)
         t_ours, t_theirs, t_gemv, t_ours_1, t_theirs_1 = timed(
             [decode_fn(m_ours, prompt, n, True, args, mask), decode_fn(m_theirs, prompt, n, False, args, mask),
-             gemv_fn(weights, B, n), decode_fn(m_ours, prompt, 1, True, args, mask),
+             bound_fn, decode_fn(m_ours, prompt, 1, True, args, mask),
              decode_fn(m_theirs, prompt, 1, False, args, mask)], args, warmup=1)
         record(name, "tok/s", B * n / t_ours, B * n / t_theirs)
-        per_step = sum(w.numel() * w.element_size() for w in weights)
         bound = B * n / t_gemv
         steps_ours, steps_theirs = B * (n - 1) / (t_ours - t_ours_1), B * (n - 1) / (t_theirs - t_theirs_1)
         res["results"][name].update(bound=bound, weight_bytes_per_step=per_step, gemv_gb_per_s=per_step * n / t_gemv / 1e9,
                                     repacked=should_pack(m_ours, B), repack_seconds=repack_s if should_pack(m_ours, B) else None,
+                                    bound_from="device-to-device copy" if gpu else "the step's matrix-vector products",
                                     fraction_ours=B * n / t_ours / bound, fraction_transformers=B * n / t_theirs / bound,
                                     prefill_seconds_ours=t_ours_1, prefill_seconds_transformers=t_theirs_1,
                                     steps_ours=steps_ours, steps_transformers=steps_theirs,
@@ -331,10 +348,7 @@ def main():
                   flush=True)
 
     if "decode" not in skip:
-        for dtype in ["bf16 autocast"] if gpu else args.decode_dtypes.split(","):
-            if gpu:
-                decode_row("decode, batch 1, greedy", ours, theirs, x[:1, :16])
-                continue
+        for dtype in ["bfloat16"] if gpu else args.decode_dtypes.split(","):  # a GPU: generate.py's bf16 weights
             d = getattr(torch, dtype)
             m_ours, m_theirs = (ours, theirs) if d == torch.float32 else (copy.deepcopy(ours).to(d), copy.deepcopy(theirs).to(d))
             suffix = "" if d == torch.float32 else f", {dtype}"  # the float32 row keeps its old name
@@ -342,7 +356,8 @@ def main():
             del m_ours, m_theirs
     if "batch-decode" not in skip:
         ids, mask = padded_prompts(cfg, 8, args.device)
-        decode_row("decode, batch 8, padded prompts", ours, theirs, ids, mask)
+        m_ours, m_theirs = (copy.deepcopy(ours).bfloat16(), copy.deepcopy(theirs).bfloat16()) if gpu else (ours, theirs)
+        decode_row("decode, batch 8, padded prompts" + (", bfloat16" if gpu else ""), m_ours, m_theirs, ids, mask)
     if "memory" not in skip:
         record("train step peak memory", "MiB", peak_memory(args, True) / 2**20, peak_memory(args, False) / 2**20,
                higher_is_better=False)

@@ -24,8 +24,8 @@ import torch.distributed
 import torch.nn as nn
 import torch.nn.functional as F
 
-from qwen3 import (NS_COEFFICIENTS, KVCache, MoE, Muon, Qwen3, can_attend, next_token_probs, next_tokens, rope_cos_sin,
-                   sample_next_token)
+from qwen3 import (NS_COEFFICIENTS, KVCache, MoE, Muon, Qwen3, can_attend, check_finite, next_token_probs, next_tokens,
+                   rope_cos_sin, sample_next_token)
 
 
 
@@ -470,10 +470,13 @@ class Engine:
             yield from next_tokens(model, idx, max_new_tokens, temperature, top_k, top_p, generator,
                                    attention_mask, with_probs)
             return
-        fed, length = [idx], idx.size(1) + max_new_tokens
+        fed, length, gen, x = [idx], idx.size(1) + max_new_tokens, None, None  # gen, x: from the prompt's pass, each token
         for i in range(max_new_tokens):
             try:
-                gen, logits = self.prefill(idx, attention_mask, length) if i == 0 else (gen, self.step(gen, x))
+                if i == 0:
+                    gen, logits = self.prefill(idx, attention_mask, length)
+                else:
+                    logits = self.step(gen, x)
                 check_float16(logits)
             except Float16Overflow as e:  # redo everything so far in float32, and go on so
                 warnings.warn(f"{e}; the model now runs in float32", RuntimeWarning, stacklevel=3)
@@ -483,6 +486,8 @@ class Engine:
                 seq = torch.cat(fed, dim=1)
                 mask = None if attention_mask is None else F.pad(attention_mask, (0, seq.size(1) - idx.size(1)), value=1)
                 gen, logits = self.prefill(seq, mask, length)
+            if i == 0:
+                check_finite(logits)  # once a generation: broken weights show here; a step waits for nothing
             probs = next_token_probs(logits, temperature, top_k, top_p) if with_probs else None
             x = sample_next_token(logits, temperature, top_k, top_p, generator, probs)[:, None]  # (B, 1)
             fed.append(x)

@@ -552,8 +552,6 @@ def next_token_probs(logits, temperature=1.0, top_k=None, top_p=None):
 
 def sample_next_token(logits, temperature=1.0, top_k=None, top_p=None, generator=None, probs=None):
     """logits (B, vocab) -> next token ids (B,). probs: their next_token_probs, if computed already."""
-    if not torch.isfinite(logits).all():  # else greedy emits token 0, and sampling fails deep in multinomial
-        raise FloatingPointError("the model produced NaN or infinite logits: its weights are broken, or overflowed")
     if temperature == 0:
         return logits.argmax(dim=-1)  # greedy draws no random numbers
     probs = next_token_probs(logits, temperature, top_k, top_p) if probs is None else probs
@@ -563,6 +561,13 @@ def sample_next_token(logits, temperature=1.0, top_k=None, top_p=None, generator
 # Generation: feed the prompt once (the "prefill"), which fills the cache, then one token at a
 # time. A batch of prompts comes left-padded with its attention_mask (section 7). `decoder` is what
 # computes the tokens: next_tokens below, or an engine.Engine, which computes the same tokens faster.
+
+
+def check_finite(logits):
+    """A broken model (NaN weights, an overflow) says so: else greedy decoding emits token 0, and
+    sampling fails deep inside torch.multinomial."""
+    if not torch.isfinite(logits).all():
+        raise FloatingPointError("the model produced NaN or infinite logits: its weights are broken, or overflowed")
 
 
 def check_decoding(model, idx, max_new_tokens, temperature, top_k, top_p, attention_mask):
@@ -591,6 +596,7 @@ def next_tokens(model: Qwen3, idx, max_new_tokens, temperature=1.0, top_k=None, 
     for _ in range(max_new_tokens):
         h = model.model(x, cache, mask)[:, -1]  # (B, hidden): only the last position is continued
         logits = model.lm_head(h)  # (B, vocab)
+        check_finite(logits)
         probs = next_token_probs(logits, temperature, top_k, top_p) if with_probs else None
         x, mask = sample_next_token(logits, temperature, top_k, top_p, generator, probs)[:, None], None  # (B, 1)
         yield x[:, 0], probs

@@ -15,7 +15,7 @@ from transformers.models.qwen3.modeling_qwen3 import Qwen3RMSNorm, Qwen3RotaryEm
 
 from qwen3 import (PRESETS, CheckpointError, KVCache, Muon, Qwen3, Qwen3Config, RMSNorm, apply_rope, can_attend,
                    config_from_dict, config_to_dict, configure_optimizers, from_pretrained, generate, hf_config,
-                   next_token_probs, read_config, rope_cos_sin, sample_next_token, save_pretrained, stream, top_k_filter, top_p_filter,
+                   check_finite, next_token_probs, read_config, rope_cos_sin, sample_next_token, save_pretrained, stream, top_k_filter, top_p_filter,
                    zeropower_via_newtonschulz)
 
 V = 101  # vocab of the tiny test models (conftest.TINY)
@@ -566,24 +566,26 @@ def frequencies(samples, vocab):
 
 def test_tiny_temperatures_are_greedy_and_broken_logits_say_so(model_pair):
     """A positive temperature below float32's range (1 / t overflows) is greedy, not NaN; NaN or inf
-    logits are an error that says what happened, greedy or sampled, in the chapter and the engine."""
+    logits are an error that says what happened, in the chapter's loop (every token) and the engine
+    (the prompt's pass, where broken weights show, without a wait for the device at every step)."""
     from engine import Engine
     logits = torch.randn(4, V, generator=torch.Generator().manual_seed(1))
     for t in (1e-300, 1e-40, 1e-30):
         assert torch.equal(next_token_probs(logits, t), F.one_hot(logits.argmax(-1), V).float())
         assert torch.equal(sample_next_token(logits, t, generator=torch.Generator().manual_seed(0)), logits.argmax(-1))
+    check_finite(logits)
     for bad in (float("nan"), float("inf")):
         broken = logits.clone()
         broken[2, 7] = bad
-        for t in (0.0, 0.8):
-            with pytest.raises(FloatingPointError, match="NaN or infinite logits"):
-                sample_next_token(broken, t)
+        with pytest.raises(FloatingPointError, match="NaN or infinite logits"):
+            check_finite(broken)
     _, ours = model_pair()
     with torch.no_grad():
         ours.model.layers[1].mlp.up_proj.weight[3, 5] = float("nan")
     for decoder in ({}, dict(decoder=Engine(ours))):
-        with pytest.raises(FloatingPointError, match="NaN or infinite logits"):
-            generate(ours, rand_ids((1, 4)), 3, temperature=0, **decoder)
+        for t in (0.0, 0.8):
+            with pytest.raises(FloatingPointError, match="NaN or infinite logits"):
+                generate(ours, rand_ids((1, 4)), 3, temperature=t, **decoder)
 
 
 def test_sample_next_token():
