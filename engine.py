@@ -442,15 +442,19 @@ class Engine:
     """Generation for one model, faster: give it as the decoder to qwen3.generate or qwen3.stream,
     `generate(model, idx, n, decoder=Engine(model))`, for the chapter's tokens. It reads the weights
     when it first needs them (a packed copy, or views): after changing them, make a new engine.
-    mode: "auto" (a CUDA graph on CUDA, else "filled"), "filled" (the step over the cache's filled
-    part), "fixed" (the graph's fixed-shape step, run eagerly) or "graph"."""
+    mode: "auto" (a CUDA graph on CUDA, else "filled", or "fixed" to compile), "filled" (the step over the cache's filled
+    part), "fixed" (the graph's fixed-shape step, run eagerly) or "graph". compile: the fixed-shape
+    step through torch.compile first (its elementwise chains fused into fewer kernels; minutes to
+    compile a large model, so only where many tokens pay it back)."""
 
-    def __init__(self, model: Qwen3, mode: str = "auto"):
+    def __init__(self, model: Qwen3, mode: str = "auto", compile: bool = False):
         if mode == "auto":
-            mode = "graph" if model.lm_head.weight.device.type == "cuda" else "filled"
-        if mode not in ("filled", "fixed", "graph"):
-            raise ValueError(f"unknown engine mode {mode!r}; choose auto, filled, fixed or graph")
+            mode = "graph" if model.lm_head.weight.device.type == "cuda" else "fixed" if compile else "filled"
+        if mode not in ("filled", "fixed", "graph") or (compile and mode == "filled"):
+            raise ValueError(f"unknown engine mode {mode!r}, or compile without a fixed shape; choose auto, "
+                             f"filled, fixed or graph")
         self.model, self.mode = model, mode
+        self.decode_step = torch.compile(decode_step, dynamic=False) if compile else decode_step
         self.weights = {}  # packed or not -> DecodeWeights, made at first use
         self.last = None  # graph mode: the last generation, whose graph a generation of its shape replays
 
@@ -513,16 +517,16 @@ class Engine:
             return decode_step(self.model, w, x, gen, fixed=False)
         gen.token.copy_(x)
         if self.mode == "fixed":
-            return decode_step(self.model, w, gen.token, gen, fixed=True)
+            return self.decode_step(self.model, w, gen.token, gen, fixed=True)
         if gen.graph is None:  # its first step runs eagerly on a side stream (as CUDA asks), then is recorded
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
-                logits = decode_step(self.model, w, gen.token, gen, fixed=True)
+                logits = self.decode_step(self.model, w, gen.token, gen, fixed=True)
             torch.cuda.current_stream().wait_stream(side)
             gen.graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(gen.graph):  # recorded, not run: the slot stays where the eager step left it
-                gen.logits = decode_step(self.model, w, gen.token, gen, fixed=True)
+                gen.logits = self.decode_step(self.model, w, gen.token, gen, fixed=True)
             return logits
         gen.graph.replay()
         return gen.logits  # overwritten by the next replay: sampled before it

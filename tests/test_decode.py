@@ -254,6 +254,18 @@ def test_float16_overflow_is_caught_and_generation_goes_on_in_float32(model_pair
     assert half.lm_head.weight.dtype == torch.float32  # and it stays in float32 from then on
 
 
+def test_compiled_fixed_shape_step_gives_the_chapters_tokens(model_pair):
+    """Engine(compile=True): the fixed-shape step through torch.compile, as a GPU would replay it in a
+    graph, gives the chapter's greedy tokens, padded batch and sliding windows included."""
+    _, ours = model_pair(seed=14, **SLIDING)
+    idx, mask = left_pad([rand_ids((n,), seed=n).tolist() for n in (7, 3)], seed=15)
+    want = generate(ours, idx, 8, temperature=0, attention_mask=mask)
+    assert torch.equal(generate(ours, idx, 8, temperature=0, attention_mask=mask,
+                                decoder=Engine(ours, "fixed", compile=True)), want)
+    with pytest.raises(ValueError, match="compile without a fixed shape"):
+        Engine(ours, "filled", compile=True)
+
+
 def test_float16_decoding_stays_close_to_float32(model_pair):
     _, ours = model_pair(seed=13, **SLIDING)
     half = type(ours)(ours.config).eval()
