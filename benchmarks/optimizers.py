@@ -67,22 +67,26 @@ def next_command(out: Path, flags: list[str], device: str) -> list[str] | None:
     return None  # done
 
 
-def run(args, optimizer: str, lr: str) -> list[dict]:
-    """One train.py run (or what is left of it); its metrics records."""
+def train_run(out: Path, flags: list[str], device: str) -> list[dict]:
+    """The train.py run with `flags` in `out`, made or finished (or read back, if done): its metrics."""
     from plots import read_metrics
-    out = Path(args.work_dir) / f"{optimizer}-{lr}"
+    cmd = next_command(out, flags, device)
+    if cmd is not None:
+        print(" ".join(["python train.py", *cmd]), flush=True)
+        done = subprocess.run([sys.executable, str(ROOT / "train.py"), *cmd])
+        if done.returncode != 0:
+            sys.exit(f"train.py exited with {done.returncode}; run this command again to continue")
+    return read_metrics(out / "metrics.jsonl")
+
+
+def run(args, optimizer: str, lr: str) -> list[dict]:
+    """One run of the sweep (or what is left of it); its metrics records."""
     flags = ["--data", "embedded", "--device", args.device, "--optimizer", optimizer,
              "--lr" if optimizer == "adamw" else "--muon-lr", lr, "--sample-tokens", "0", *args.extra.split()]
     for flag, value in (("--max-steps", args.max_steps), ("--eval-every", args.eval_every)):
         if value is not None:
             flags += [flag, str(value)]
-    cmd = next_command(out, flags, args.device)
-    if cmd is not None:
-        print(" ".join(["python train.py", *cmd]), flush=True)
-        done = subprocess.run([sys.executable, str(ROOT / "train.py"), *cmd])
-        if done.returncode != 0:
-            sys.exit(f"train.py exited with {done.returncode}; run this command again to continue the sweep")
-    return read_metrics(out / "metrics.jsonl")
+    return train_run(Path(args.work_dir) / f"{optimizer}-{lr}", flags, args.device)
 
 
 def reach(curve: list[dict], target: float, x: str) -> float | None:
