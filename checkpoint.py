@@ -17,10 +17,19 @@ One run owns OUT/ at a time: before it touches anything there it takes an exclus
 OUT/.lock and holds it to the end, so a second train.py on the same folder is refused, naming the
 first; and a folder holding another run's model is never trained into (check_out_dir). generate.py
 takes no lock: it reads best/ or last/, which a save replaces in one rename.
+
+A run replaces only what a run of ours wrote (own_out_dir). It writes a fixed set of names in OUT/
+(WRITTEN) and, once the folder is its own, its note in OUT/.lock: a folder with that note (or,
+from before the note, last/training_state.json) is a run's folder. Anything under those names
+that is not a run's (in a folder that is not a run's, or not what a run puts there: a link, a
+checkpoint without config.json) is refused in one line and left as it is, --overwrite or not. A
+run's tree is its own too: a folder inside a run's best/ or last/ (replaced whole at each save) is
+refused, and so is one anywhere inside the folder of a live run.
 """
 
 import json
 import os
+import re
 import shutil
 import socket
 from pathlib import Path
@@ -37,35 +46,58 @@ except ImportError:  # Windows has no flock: there, nothing keeps two runs on on
 
 _held = []  # the out-dir lock files this process holds open
 
+# What a run writes in OUT/, by name, and what each is: it replaces these and nothing else.
+WRITTEN = {"best": "checkpoint", "last": "checkpoint", ".best.tmp": "folder", ".best.old": "folder",
+           ".last.tmp": "folder", ".last.old": "folder", "metrics.jsonl": "file", "curves.png": "file",
+           ".curves.png.tmp": "file", "experts.png": "file", ".experts.png.tmp": "file"}
+NOTE = re.compile(r"pid \d+ on \S+\n")  # what a run writes in OUT/.lock once the folder is its own
+
+
+def _note(f) -> str:
+    """What a lock file holds (its first 200 characters)."""
+    f.seek(0)
+    return f.read(200)
+
 
 def lock_out_dir(out: Path):
     """Create OUT/ and hold an exclusive lock on OUT/.lock until release_out_dirs() or the end of
     the process. The OS drops a flock when its process dies, kill -9 included, so it is never stale;
     the file stays, naming its last holder. A run that finds the lock held is refused having changed
-    nothing: only the holder writes into the file."""
+    nothing: only the holder writes into the file (note_holder, once the folder is known to be its
+    own), and never into a .lock that is a link or holds anything but a run's note."""
     if out.exists() and not out.is_dir():
         raise CheckpointError(f"--out-dir {out} is a file, not a folder; name a folder (it is created if missing)")
+    lock = out / ".lock"
     try:
         out.mkdir(parents=True, exist_ok=True)
-        if fcntl is None:
-            return
-        f = open(out / ".lock", "a+", errors="replace")  # "a+": opening it never truncates the holder's note
+        if lock.is_symlink() or (lock.exists() and not lock.is_file()):
+            raise CheckpointError(f"{lock} is not a lock file of train.py (a link, or not a file); it is left "
+                                  f"alone: use another --out-dir")
+        f = open(lock, "a+", errors="replace")  # "a+": opening it never truncates the holder's note
     except OSError as e:
         raise CheckpointError(f"cannot use --out-dir {out} ({e.strerror or e})") from None
     try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        if fcntl is not None:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as e:
-        f.seek(0)
-        holder = " ".join(f.read(200).split()) or "pid not written yet"
+        holder = " ".join(_note(f).split()) or "pid not written yet"
         f.close()
         if isinstance(e, BlockingIOError):
             raise CheckpointError(f"{out} is in use by another train.py ({holder}); wait for it to finish "
                                   f"or use another --out-dir") from None
-        raise CheckpointError(f"cannot lock {out / '.lock'} ({e.strerror or e})") from None
-    f.truncate(0)  # ours now: say who holds it
-    f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
-    f.flush()
+        raise CheckpointError(f"cannot lock {lock} ({e.strerror or e})") from None
     _held.append(f)
+    if _note(f) and not NOTE.fullmatch(_note(f)):
+        raise CheckpointError(f"{lock} holds text that train.py did not write; it is left alone: use another --out-dir")
+
+
+def note_holder():
+    """Say in the lock file of the out-dir just locked who holds it: the mark of a run's folder."""
+    if _held:
+        f = _held[-1]
+        f.truncate(0)
+        f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        f.flush()
 
 
 def release_out_dirs():
@@ -73,6 +105,87 @@ def release_out_dirs():
     may run again on the same folder)."""
     while _held:
         _held.pop().close()
+
+
+def is_run_dir(path: Path) -> bool:
+    """Whether a run of ours wrote this folder: its .lock names a holder, or (from before the note)
+    its last/ holds training_state.json."""
+    lock = path / ".lock"
+    try:
+        if lock.is_file() and not lock.is_symlink():
+            with open(lock, errors="replace") as f:
+                if NOTE.fullmatch(f.read(200)):
+                    return True
+    except OSError:
+        pass
+    return (path / "last" / "training_state.json").is_file()
+
+
+def _as_written(path: Path, kind: str) -> bool:
+    """Whether path is what a run writes under its name: never a link; a checkpoint (a folder with
+    config.json), a folder, or a file."""
+    if path.is_symlink():
+        return False
+    if kind == "checkpoint":
+        return path.is_dir() and (path / "config.json").is_file()
+    return path.is_dir() if kind == "folder" else path.is_file()
+
+
+def _live_holder(lock: Path) -> str | None:
+    """The note of the process holding `lock` now, if one does (a probe: it takes nothing)."""
+    if fcntl is None or not lock.is_file():
+        return None
+    try:
+        with open(lock, errors="replace") as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)  # released as the file closes
+            except BlockingIOError:
+                return " ".join(_note(f).split()) or "pid not written yet"
+    except OSError:
+        pass
+    return None
+
+
+def runs_above(path: Path):
+    """The run folders that `path` lies inside, nearest first: (folder, the name in it path lies under)."""
+    path = path.resolve()
+    for parent in path.parents:
+        if is_run_dir(parent):
+            yield parent, path.relative_to(parent).parts[0]
+
+
+def check_outside_saves(path: Path, flag: str):
+    """Refuse a folder inside a run's best/ or last/: a save replaces them whole."""
+    for parent, name in runs_above(path):
+        if name in WRITTEN:
+            raise CheckpointError(f"{flag} {path} lies inside {parent / name}, which the run in {parent} replaces "
+                                  f"at every save; use a folder outside it")
+
+
+def own_out_dir(out: Path) -> str | None:
+    """Before anything in OUT/ is touched: refuse a folder inside another run's, lock it, refuse it
+    unless all it holds under the names a run writes is a run's, mark it this run's, then finish a
+    save cut short. Returns why that failed (None: it did not)."""
+    try:
+        check_outside_saves(out, "--out-dir")
+        for parent, _ in runs_above(out):
+            holder = _live_holder(parent / ".lock")
+            if holder:
+                raise CheckpointError(f"--out-dir {out} lies inside {parent}, the folder of a running train.py "
+                                      f"({holder}); use a folder outside it")
+        lock_out_dir(out)
+        ours = is_run_dir(out)
+        theirs = [name for name, kind in WRITTEN.items()
+                  if os.path.lexists(out / name) and not (ours and _as_written(out / name, kind))]
+        if theirs:
+            raise CheckpointError(f"--out-dir {out} holds {', '.join(theirs)}, which no train.py run wrote there; "
+                                  f"train.py replaces only what a run wrote, so it leaves them alone: use another "
+                                  f"--out-dir")
+        note_holder()
+        recover(out)
+    except (CheckpointError, OSError) as e:
+        return str(e)
+    return None
 
 
 def recover(out: Path):
@@ -85,21 +198,14 @@ def recover(out: Path):
         shutil.rmtree(old, ignore_errors=True)
 
 
-def own_out_dir(out: Path) -> str | None:
-    """Before anything in OUT/ is touched: make it this run's alone, then finish a save cut short.
-    Returns why that failed (None: it did not)."""
-    try:
-        lock_out_dir(out)
-        recover(out)
-    except (CheckpointError, OSError) as e:
-        return str(e)
-    return None
-
-
 def check_out_dir(out: Path, config: Qwen3Config, shape: tuple, resuming: bool, overwrite: bool):
     """Refuse to mix runs: a checkpoint already in OUT/ is continued (--resume), replaced
     (--overwrite) or left alone (error), and --resume must not change the model's `shape` fields."""
     existing = next((out / n for n in ("last", "best") if (out / n / "config.json").is_file()), None)
+    metrics = out / "metrics.jsonl"
+    if existing is None and not (resuming or overwrite) and metrics.is_file() and metrics.stat().st_size:
+        raise UserError(f"{out} already holds a run's {metrics.name} (a run that saved no checkpoint); pass "
+                        f"--overwrite to start again")
     if existing is None or (overwrite and not resuming):
         return
     theirs = read_config(existing / "config.json")

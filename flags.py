@@ -180,7 +180,9 @@ def build_parser() -> ArgumentParser:
     g.add_argument("--sample-tokens", type=count, default=80, help="tokens to sample at the end (0: none)")
     g.add_argument("--eval-sample-tokens", type=count, default=32, help="tokens to sample at every evaluation, "
                    "from the same start and seed each time, printed and kept in metrics.jsonl (0: none)")
-    g.add_argument("--out-dir", default="out", help="checkpoints (best/, last/) and metrics.jsonl go here")
+    g.add_argument("--out-dir", default="out", help="checkpoints (best/, last/) and metrics.jsonl go here; a "
+                   "folder that holds those names but that no run wrote is refused and left as it is, and so is a "
+                   "folder inside a run's best/ or last/, or inside a running run's folder")
     g.add_argument("--save-every", type=count, default=0, help="also save last/ every N steps (0: only at "
                    "evaluations, on interruption and at the end)")
     g.add_argument("--resume", action="store_true", help="continue from OUT/last with its flags; flags given "

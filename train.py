@@ -49,8 +49,8 @@ from tqdm import tqdm
 
 import budget
 import flags
-from checkpoint import (check_out_dir, own_out_dir, read_training_info, release_out_dirs, restore_training_state,
-                        save_checkpoint, training_state)
+from checkpoint import (check_out_dir, check_outside_saves, own_out_dir, read_training_info, release_out_dirs,
+                        restore_training_state, save_checkpoint, training_state)
 from common import UserError, error, pick_device
 from data import Batches, TokenData, fixed_starts, prepare_data, target_bytes, token_bytes, windows
 from engine import FastMuon, FusedLoss
@@ -81,6 +81,7 @@ def parse_args(argv=None):
         info = read_training_info(out / "last")
         args = flags.with_saved_flags(parser, argv, info, out / "last")
     flags.for_device(args, device, world=rank_and_world()[1])
+    check_outside_saves(Path(args.cache_dir), "--cache-dir")  # the cache is shared: no save may delete it
     return args, device, info
 
 

@@ -330,3 +330,145 @@ def test_generate_seed_has_torch_range(stopped, capsys, seed, ok):
     else:
         assert code == 1
         assert "the seed must be an integer in [-2**63, 2**64)" in one_error_line(err)
+
+
+# %% a run replaces only what a run of ours wrote (issue 23, class 1)
+
+
+def tree(root: Path) -> dict:
+    """Everything under root, links not followed: {relative path: the file's bytes, "folder" or a link's target}."""
+    found = {}
+    for folder, dirs, files in os.walk(root):
+        for name in dirs + files:
+            path = Path(folder, name)
+            key = str(path.relative_to(root))
+            found[key] = (f"link to {os.readlink(path)}" if path.is_symlink() else "folder" if path.is_dir()
+                          else path.read_bytes())
+    return found
+
+
+def left_alone(code, err, before, after, *words):
+    """A refused run: exit 1, one line with `words`, and nothing that was there changed or gone."""
+    assert code == 1, err
+    line = one_error_line(err)
+    for w in words:
+        assert w in line, (w, line)
+    assert {k: v for k, v in after.items() if k in before} == before
+    assert set(after) - set(before) <= {".lock"}  # (an empty lock file may be new: the refusal takes the lock first)
+
+
+KINDS = {"file": lambda p: p.write_text("my notes"),
+         "folder": lambda p: (p.mkdir(), (p / "mine.txt").write_text("my notes")),
+         "model folder": lambda p: (p.mkdir(), (p / "config.json").write_text("{}"), (p / "mine.txt").write_text("x"))}
+
+
+@settings(FRAME, max_examples=25)
+@given(names=st.lists(st.sampled_from(sorted(checkpoint.WRITTEN)), min_size=1, max_size=4, unique=True),
+       kinds=st.lists(st.sampled_from(sorted(KINDS)), min_size=4, max_size=4),
+       flags_=st.sampled_from([[], ["--overwrite"], ["--resume"]]), others=st.booleans())
+def test_a_folder_no_run_wrote_is_left_alone(cache, tmp_path_factory, names, kinds, flags_, others):
+    """A folder that is not a run's, holding anything under a name a run writes (best/, last/,
+    metrics.jsonl, a save's .best.tmp, ... as files, folders or even model folders), with or without
+    other files of the user's: refused in one line, --overwrite or not, and all of it kept."""
+    out = tmp_path_factory.mktemp("users") / "out"
+    out.mkdir()
+    if others:
+        (out / "thesis.tex").write_text("keep")
+    for name, kind in zip(names, kinds):
+        KINDS[kind](out / name)
+    before = tree(out)
+    code, err = main(tiny(cache, out, "--max-steps", "1", *flags_))
+    left_alone(code, err, before, tree(out), str(out), "no train.py run wrote")
+
+
+def outside_target(tmp_path):
+    target = tmp_path / "elsewhere"
+    target.mkdir()
+    (target / "precious.txt").write_text("keep")
+    return target
+
+
+@pytest.mark.parametrize("name, make", [
+    ("metrics.jsonl", lambda p, t: (p.unlink(), p.symlink_to(t / "precious.txt"))),  # a link: written through
+    ("best", lambda p, t: (shutil.rmtree(p), p.symlink_to(t))),  # a save would set it aside and delete it
+    ("best", lambda p, t: ((p / "config.json").unlink(), (p / "mine.txt").write_text("x"))),  # no config.json
+    ("last", lambda p, t: (shutil.rmtree(p), p.mkdir(), (p / "training_state.json").write_text("{}"))),
+    (".last.old", lambda p, t: p.write_text("mine")),  # a crashed save's leftover is a folder, never a file
+    ("curves.png", lambda p, t: (p.unlink(), p.mkdir())),
+    (".lock", lambda p, t: (p.unlink(), p.symlink_to(t / "precious.txt"))),  # the lock file itself
+    (".lock", lambda p, t: p.write_text("my notes, not a pid")),
+])
+@pytest.mark.parametrize("flags_", [["--resume"], ["--overwrite"]])
+def test_in_a_run_folder_only_what_a_run_writes_is_replaced(stopped, tmp_path, name, make, flags_):
+    """A run's own folder where something under a run's name is not what a run writes there (a link,
+    a checkpoint without config.json, a file where a folder goes): refused, all of it kept, and what
+    a link points to untouched."""
+    out = Path(shutil.copytree(stopped, tmp_path / "out", symlinks=True))
+    target = outside_target(tmp_path)
+    make(out / name, target)
+    before, outside = tree(out), tree(target)
+    code, err = main(["--out-dir", str(out), "--max-steps", "20", *flags_])
+    left_alone(code, err, before, tree(out), name)
+    assert tree(target) == outside
+
+
+def test_a_run_writes_nothing_but_its_names(stopped):
+    assert set(os.listdir(stopped)) <= {*checkpoint.WRITTEN, ".lock"}
+    assert checkpoint.NOTE.fullmatch(holder(stopped))
+
+
+def test_a_run_from_before_the_lock_note_is_still_resumed(stopped, tmp_path):
+    """A run's folder from a train.py without the lock (or its note): its last/training_state.json
+    says it is a run's; --resume continues it and marks it."""
+    out = Path(shutil.copytree(stopped, tmp_path / "out"))
+    (out / ".lock").unlink()
+    code, err = main(["--resume", "--out-dir", str(out), "--max-steps", "11", "--eval-every", "100"])
+    assert code == 0, err
+    assert holder(out) == f"pid {os.getpid()} on {HOST}\n"
+
+
+def test_metrics_of_a_run_without_a_checkpoint_need_overwrite(stopped, cache, tmp_path):
+    """A run's folder holding only its metrics.jsonl (it stopped before its first save): a new run
+    does not empty it unless --overwrite says so."""
+    out = Path(shutil.copytree(stopped, tmp_path / "out"))
+    for name in ("best", "last"):
+        shutil.rmtree(out / name)
+    before = tree(out)
+    code, err = main(tiny(cache, out, "--max-steps", "1"))
+    left_alone(code, err, before, tree(out), "metrics.jsonl", "--overwrite")
+    code, err = main(tiny(cache, out, "--max-steps", "1", "--eval-sample-tokens", "0", "--overwrite"))
+    assert code == 0, err
+    assert [r["step"] for r in metrics(out)] == [0, 1]
+
+
+@pytest.mark.parametrize("inside", ["best", "last/sub", ".best.tmp", "best/a/b"])
+def test_a_folder_inside_a_runs_saves_is_refused(stopped, cache, inside):
+    """best/ and last/ are replaced whole at every save, the run's live or not: no run's out-dir, nor
+    the shared data cache, may lie in them."""
+    before = tree(stopped)
+    code, err = main(tiny(cache, stopped / inside, "--max-steps", "1"))
+    left_alone(code, err, before, tree(stopped), f"lies inside {stopped / inside.split('/')[0]}")
+    code, err = main(tiny(cache, stopped.parent / "elsewhere", "--cache-dir", str(stopped / inside),
+                          "--max-steps", "1"))
+    left_alone(code, err, before, tree(stopped), "--cache-dir", "replaces at every save")
+
+
+def test_a_folder_inside_a_live_run_is_refused(stopped, cache, tmp_path):
+    """The lock covers a run's whole tree: while a run holds its folder (here this process, as a run
+    does: an OS lock on .lock and its note), an out-dir anywhere inside it is refused, naming it;
+    once it is let go, a folder beside best/ and last/ is free to use."""
+    out = Path(shutil.copytree(stopped, tmp_path / "out"))
+    inner = out / "ablations" / "a"
+    checkpoint.lock_out_dir(out)
+    checkpoint.note_holder()
+    try:
+        code, err = main(tiny(cache, inner, "--max-steps", "1"))
+    finally:
+        checkpoint.release_out_dirs()
+    assert code == 1
+    assert one_error_line(err) == (f"error: --out-dir {inner} lies inside {out}, the folder of a running train.py "
+                                   f"(pid {os.getpid()} on {HOST}); use a folder outside it")
+    assert not (out / "ablations").exists()
+    code, err = main(tiny(cache, inner, "--max-steps", "1", "--eval-sample-tokens", "0"))
+    assert code == 0, err
+
