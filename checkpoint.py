@@ -28,6 +28,7 @@ refused, and so is one anywhere inside the folder of a live run.
 """
 
 import json
+import math
 import os
 import re
 import shutil
@@ -37,7 +38,7 @@ from pathlib import Path
 import torch
 
 from common import UserError, one_line, publish, sha256
-from qwen3 import CheckpointError, Qwen3, Qwen3Config, read_config, save_pretrained
+from qwen3 import CheckpointError, Qwen3, Qwen3Config, read_config, read_json, save_pretrained
 
 try:
     import fcntl  # POSIX file locks
@@ -236,20 +237,50 @@ def save_checkpoint(out: Path, name: str, model: Qwen3, tokenizer, state: dict |
         raise CheckpointError(f"saving {final} failed ({one_line(e)}); the previous checkpoint is intact") from None
 
 
+def _integer(v, low: int = 0) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and low <= v < 2**31
+
+
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+# training_state.json's fields: what each must be (a check, and how it reads). args, the flags, are
+# checked by flags.with_saved_flags as flags typed on the command line are.
+STATE_FIELDS = {
+    "step": (_integer, "an integer in [0, 2**31)"),
+    "best_val_loss": (lambda v: v is None or _number(v), "a finite number or null"),
+    "best_step": (lambda v: v is None or _integer(v, 1), "null or an integer in [1, 2**31)"),
+    "elapsed_s": (lambda v: _number(v) and v >= 0, "a finite number of seconds >= 0"),
+    "steps_s": (lambda v: _number(v) and v >= 0, "a finite number of seconds >= 0"),
+    "data_key": (lambda v: isinstance(v, str), "a string"),
+    "training_state_sha256": (lambda v: isinstance(v, str) and re.fullmatch(r"[0-9a-f]{64}", v), "a SHA-256 in hex"),
+    "args": (lambda v: isinstance(v, dict), "an object of flags"),
+}
+OPTIONAL_FIELDS = ("steps_s", "data_key")  # absent from checkpoints saved before they were added
+
+
 def read_training_info(last: Path) -> dict:
-    """last/training_state.json: the run's step, best score, elapsed time and flags."""
+    """last/training_state.json: the run's step, best score, elapsed time and flags, each field
+    checked (a fractional step would never reach --max-steps, a string loss fail mid-run)."""
     path = last / "training_state.json"
     if not path.is_file():
         raise CheckpointError(f"--resume: no checkpoint to resume from ({path} not found)")
     try:
-        info = json.loads(path.read_text())
-    except ValueError as e:
-        raise CheckpointError(f"{path} is not valid JSON ({e})") from None
-    required = {"step", "args", "best_val_loss", "best_step", "elapsed_s", "training_state_sha256"}
-    if not isinstance(info, dict) or not required <= info.keys():
-        raise CheckpointError(f"{path} lacks {', '.join(sorted(required - set(info or ())))}")
-    if not isinstance(info["args"], dict):
-        raise CheckpointError(f"{path}: args must be an object of flags, got {type(info['args']).__name__}")
+        info = read_json(path)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path} is not valid JSON ({one_line(e, 200)})") from None
+    if not isinstance(info, dict):
+        raise CheckpointError(f"{path} is not a JSON object")
+    missing = set(STATE_FIELDS) - set(OPTIONAL_FIELDS) - info.keys()
+    if missing:
+        raise CheckpointError(f"{path} lacks {', '.join(sorted(missing))}")
+    for name, (ok, what) in STATE_FIELDS.items():
+        if name in info and not ok(info[name]):
+            raise CheckpointError(f"{path}: {name} must be {what}, got {one_line(repr(info[name]), 60)}")
+    if (info["best_step"] is None) != (info["best_val_loss"] is None) or (info["best_step"] or 0) > info["step"]:
+        raise CheckpointError(f"{path}: best_step {info['best_step']} and best_val_loss {info['best_val_loss']} "
+                              f"do not fit step {info['step']} (both null, or a best step no later than the step)")
     return info
 
 

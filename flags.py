@@ -200,23 +200,36 @@ def build_parser() -> ArgumentParser:
     return p
 
 
+def check_saved(action: argparse.Action, value):
+    """A flag's value as training_state.json holds it: what typing it would give (ArgumentTypeError if
+    it could not be typed)."""
+    if action.nargs == 0:  # a switch
+        if not isinstance(value, bool):
+            raise argparse.ArgumentTypeError(f"expected true or false, got {value!r}")
+    elif action.type is None:  # a word
+        if not isinstance(value, str) or (action.choices and value not in action.choices):
+            raise argparse.ArgumentTypeError(f"expected {' or '.join(action.choices or ['a string'])}, got {value!r}")
+    elif action.nargs is not None and not (isinstance(value, list) and len(value) == action.nargs):
+        raise argparse.ArgumentTypeError(f"expected {action.nargs} values, got {value!r}")
+    else:
+        for v in value if action.nargs is not None else [value]:
+            if isinstance(v, (bool, dict, list)) or action.type(str(v)) != v:  # str() of a number reads back exactly
+                raise argparse.ArgumentTypeError(f"expected what {action.option_strings[0]} takes, got {v!r}")
+
+
 def with_saved_flags(parser: ArgumentParser, argv, info: dict, last: Path) -> argparse.Namespace:
     """--resume: the flags last/ was saved with become the defaults, and those given now override
     them. argparse checks the flags typed, not (non-string) defaults: the saved ones go through the
     same checks first."""
     saved = {k: v for k, v in info["args"].items() if k not in SESSION_FLAGS}
+    path = last / "training_state.json"
     for action in parser._actions:
-        value = saved.get(action.dest)
-        if action.type is None or value is None:
+        if saved.get(action.dest) is None:
             continue
         try:
-            if action.nargs is not None and not (isinstance(value, list) and len(value) == action.nargs):
-                raise argparse.ArgumentTypeError(f"expected {action.nargs} values, got {value!r}")
-            for v in value if action.nargs is not None else [value]:
-                action.type(str(v))  # str() of a number reads back exactly
+            check_saved(action, saved[action.dest])
         except argparse.ArgumentTypeError as e:
-            raise CheckpointError(f"{last / 'training_state.json'} holds a bad {action.option_strings[0]}: "
-                                  f"{e}") from None
+            raise CheckpointError(f"{path} holds a bad {action.option_strings[0]}: {e}") from None
     # A run saved by an older train.py continues as it started: without the momentum warmup that
     # came later, and with the model it holds where it left the shape to a preset.
     saved.setdefault("momentum_warmup_frac", 0.0)

@@ -346,7 +346,7 @@ def evaluate_and_save(run: Run, state: RunState, write):
                                           args.seed)
             log_eval(run.out, record, write)
             redraw_curves(run.out, run.model.num_params(), write)
-        if step > 0 and (state.best_val_loss is None or val_loss < state.best_val_loss):
+        if step > 0 and math.isfinite(val_loss) and (state.best_val_loss is None or val_loss < state.best_val_loss):
             state.best_val_loss, state.best_step = val_loss, step
             if run.rank == 0:
                 save_checkpoint(run.out, "best", run.model, run.data.tokenizer)

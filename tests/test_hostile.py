@@ -472,3 +472,50 @@ def test_a_folder_inside_a_live_run_is_refused(stopped, cache, tmp_path):
     code, err = main(tiny(cache, inner, "--max-steps", "1", "--eval-sample-tokens", "0"))
     assert code == 0, err
 
+
+# %% training_state.json: every field checked (class 3), and the flags --resume cannot change (class 6)
+
+
+@pytest.mark.parametrize("changes, words", [
+    ({"step": 10.5}, ["step must be an integer in [0, 2**31)", "10.5"]),  # would never reach --max-steps
+    ({"step": -3}, ["step must be"]),
+    ({"step": "10"}, ["step must be"]),
+    ({"step": True}, ["step must be"]),
+    ({"step": 2**40}, ["step must be"]),
+    ({"best_val_loss": "low"}, ["best_val_loss must be a finite number or null"]),
+    ({"best_val_loss": float("nan")}, ["best_val_loss must be"]),
+    ({"best_val_loss": [1.0]}, ["best_val_loss must be"]),
+    ({"best_step": 0}, ["best_step must be null or an integer in [1, 2**31)"]),
+    ({"best_step": 11}, ["best_step 11", "do not fit step 10"]),
+    ({"best_step": None}, ["do not fit step 10"]),  # a best loss without its step
+    ({"elapsed_s": -1}, ["elapsed_s must be a finite number of seconds >= 0"]),
+    ({"elapsed_s": float("inf")}, ["elapsed_s must be"]),
+    ({"steps_s": "1 minute"}, ["steps_s must be"]),
+    ({"data_key": 5}, ["data_key must be a string"]),
+    ({"training_state_sha256": "abc"}, ["training_state_sha256 must be a SHA-256 in hex"]),
+    ({"args": [1, 2]}, ["args must be an object of flags"]),
+    ({"args": {"data": 5}}, ["holds a bad --data: expected a string, got 5"]),
+    ({"args": {"optimizer": ["muon"]}}, ["holds a bad --optimizer"]),
+    ({"args": {"schedule": "linear"}}, ["holds a bad --schedule: expected cosine or wsd, got 'linear'"]),
+    ({"args": {"zero_init_output": "yes"}}, ["holds a bad --zero-init-output: expected true or false"]),
+    ({"args": {"seq_len": 32.5}}, ["holds a bad --seq-len"]),
+    ("[1, 2, 3]", ["is not a JSON object"]),
+    pytest.param("[" * 100_000 + "]" * 100_000, ["is not valid JSON", "nested too deep"], id="nested"),
+])
+def test_training_state_fields_are_checked(stopped, tmp_path, changes, words):
+    """Each field of last/training_state.json that --resume uses, set to what no run writes (a
+    fractional step trained forever, a string loss failed mid-run): one line naming the file and the
+    field, exit 1, the checkpoint as it was."""
+    out = Path(shutil.copytree(stopped, tmp_path / "out"))
+    path = out / "last" / "training_state.json"
+    info = json.loads(path.read_text())
+    if isinstance(changes, str):
+        path.write_text(changes)
+    else:
+        args = {**info["args"], **changes.pop("args")} if isinstance(changes.get("args"), dict) else None
+        info.update(changes, **({"args": args} if args else {}))
+        path.write_text(json.dumps(info))
+    before = tree(out)
+    code, err = main(["--resume", "--out-dir", str(out), "--max-steps", "20"])
+    left_alone(code, err, before, tree(out), str(path), *words)
+
