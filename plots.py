@@ -97,7 +97,7 @@ def plot_curves(runs: dict[str, list[dict]], path: Path, x: str = "step", title:
             top.set_xticks([r["step"] for r in ticks], labels=[f"{r['elapsed_s'] / 60:.1f}" for r in ticks])
             top.set_xlabel("minutes of training")
     if title:
-        fig.suptitle(title)
+        fig.suptitle(title, fontsize=10, wrap=True)
     save(fig, path)
     return fig
 
@@ -121,7 +121,7 @@ def plot_expert_load(records: list[dict], path: Path, title: str | None = None):
     ticks = list(range(0, len(records), max(1, len(records) // 8)))
     ax.set_xticks(ticks, labels=[str(records[i]["step"]) for i in ticks])
     ax.set_xlabel("optimizer step of the evaluation")
-    fig.suptitle(title or "expert load")
+    fig.suptitle(title or "expert load", fontsize=10, wrap=True)
     save(fig, path)
 
 
@@ -134,7 +134,7 @@ def redraw_curves(out: Path, params: int, warn):
         title = run_title(out, records, params)
         plot_curves({"": records}, out / "curves.png", title=title)
         if "expert_load" in records[-1]:
-            plot_expert_load(records, out / "experts.png", title=f"expert load (validation): {title}")
+            plot_expert_load(records, out / "experts.png", title=f"expert load on the validation windows: {title}")
     except Exception as e:
         warn(f"warning: {out / 'curves.png'} not updated ({type(e).__name__}: {one_line(e, 200)})")
 
