@@ -3,6 +3,7 @@ The small helpers the scripts share, each written once: the error line, the devi
 a file's hash, and publishing a finished folder atomically.
 """
 
+import argparse
 import hashlib
 import os
 import shutil
@@ -23,6 +24,13 @@ def error(message) -> int:
     """Print `error: message` on one line to stderr; returns 1, the exit status of a failed command."""
     print(f"error: {one_line(message) if isinstance(message, BaseException) else message}", file=sys.stderr)
     return 1
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, but a bad flag is one line (not the usage dump) and exit 2."""
+    def error(self, message):
+        error(f"{message} (see --help)")
+        sys.exit(2)
 
 
 def pick_device(name: str = "auto"):

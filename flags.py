@@ -10,12 +10,11 @@ tampered file is refused the same way.
 
 import argparse
 import math
-import sys
 from pathlib import Path
 
 import torch
 
-from common import UserError, error
+from common import ArgumentParser, UserError
 from data import default_cache_dir
 from qwen3 import PRESETS, CheckpointError, Qwen3Config, read_config
 
@@ -39,6 +38,13 @@ SHAPE_FLAGS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_att
                "moe_intermediate_size")
 # Flags about this invocation rather than the run; --resume does not take them from the checkpoint.
 SESSION_FLAGS = ("device", "dtype", "compile", "out_dir", "resume", "overwrite", "stop_at")
+# Flags that only the start of a run uses, and why --resume cannot change them.
+FIXED_AT_START = {
+    "tokenizer": "the tokenizer is last/'s",
+    "vocab_size": "the tokenizer, and its vocabulary, is last/'s",
+    "zero_init_output": "the weights are last/'s",
+    "time_budget": "the budget chose --max-steps when the run started (pass --max-steps to change it)",
+}
 
 
 def on_each_device(flag: str) -> str:
@@ -54,16 +60,11 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
-class ArgumentParser(argparse.ArgumentParser):
-    def error(self, message):  # one line, not argparse's usage dump
-        error(f"{message} (see --help)")
-        sys.exit(2)
-
-
 # Every numeric flag has a range, checked as it is parsed (and, on --resume, on the values the
 # checkpoint holds: see with_saved_flags): a bad value is one line, not a traceback later.
-def checked(kind, ok, expected: str):
-    """An argparse type: the string as a `kind`, refused unless ok(value) (NaN fails every comparison)."""
+def checked(kind, ok, expected: str, most=None):
+    """An argparse type: the string as a `kind`, refused unless ok(value) (NaN fails every comparison)
+    and, with `most`, unless it is at most that."""
     def parse(s: str):
         try:
             value = kind(s)
@@ -71,12 +72,17 @@ def checked(kind, ok, expected: str):
             value = None
         if value is None or not ok(value):
             raise argparse.ArgumentTypeError(f"expected {expected}, got {s!r}")
+        if most is not None and value > most:
+            raise argparse.ArgumentTypeError(f"expected {expected} of at most {most:,}, got {s!r}")
         return value
     return parse
 
 
-positive_int = checked(int, lambda v: v >= 1, "a positive integer")
-count = checked(int, lambda v: v >= 0, "an integer >= 0")
+# Integers stop at 2**31 - 1: config.json's own bound on the model's sizes (qwen3.check_config),
+# and for counts of steps, tokens or documents more than any run here will reach.
+INT_MOST = 2**31 - 1
+positive_int = checked(int, lambda v: v >= 1, "a positive integer", INT_MOST)
+count = checked(int, lambda v: v >= 0, "an integer >= 0", INT_MOST)
 seed = checked(int, lambda v: 0 <= v < 2**64, "an integer in [0, 2**64)")  # numpy refuses negatives, torch 2**64
 positive = checked(float, lambda v: 0 < v < math.inf, "a finite number > 0")
 non_negative = checked(float, lambda v: 0 <= v < math.inf, "a finite number >= 0")
@@ -186,9 +192,10 @@ def build_parser() -> ArgumentParser:
     g.add_argument("--save-every", type=count, default=0, help="also save last/ every N steps (0: only at "
                    "evaluations, on interruption and at the end)")
     g.add_argument("--resume", action="store_true", help="continue from OUT/last with its flags; flags given "
-                   "now override them")
-    g.add_argument("--overwrite", action="store_true", help="start afresh even if --out-dir holds a checkpoint "
-                   "(deletes it)")
+                   "now override them, except those only a run's start uses (--tokenizer, --vocab-size, "
+                   "--zero-init-output, --time-budget), which cannot change")
+    g.add_argument("--overwrite", action="store_true", help="start afresh even if --out-dir holds a run "
+                   "(deletes its checkpoints and metrics; never what a run did not write)")
     g.add_argument("--stop-at", type=positive_int, default=None, help="save last/ and stop after this step, "
                    "schedule unchanged; continue later with --resume")
 
@@ -220,7 +227,8 @@ def check_saved(action: argparse.Action, value):
 def with_saved_flags(parser: ArgumentParser, argv, info: dict, last: Path) -> argparse.Namespace:
     """--resume: the flags last/ was saved with become the defaults, and those given now override
     them. argparse checks the flags typed, not (non-string) defaults: the saved ones go through the
-    same checks first."""
+    same checks first. The flags that only a run's start uses (FIXED_AT_START) cannot change: given
+    with another value, they are refused, so that what the run records is what it used."""
     saved = {k: v for k, v in info["args"].items() if k not in SESSION_FLAGS}
     path = last / "training_state.json"
     for action in parser._actions:
@@ -236,7 +244,12 @@ def with_saved_flags(parser: ArgumentParser, argv, info: dict, last: Path) -> ar
     held = read_config(last / "config.json")
     saved.update({k: getattr(held, k) for k in SHAPE_FLAGS if saved.get(k) is None})
     parser.set_defaults(**saved)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    for action in parser._actions:
+        if action.dest in FIXED_AT_START and action.dest in saved and getattr(args, action.dest) != saved[action.dest]:
+            parser.error(f"{action.option_strings[0]} {getattr(args, action.dest)}: --resume goes on as the run "
+                         f"started, with {saved[action.dest]} ({path}); {FIXED_AT_START[action.dest]}")
+    return args
 
 
 def for_device(args: argparse.Namespace, device, world: int):

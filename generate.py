@@ -27,7 +27,7 @@ from dataclasses import fields
 import torch
 
 import interactive
-from common import UserError, error, load_tokenizer, pick_device
+from common import ArgumentParser, UserError, error, load_tokenizer, pick_device
 from engine import Engine
 from qwen3 import CheckpointError, from_pretrained, generate, next_tokens, stream
 from sampling import RULES, Settings, check, make_generator, print_tokens, prompt_ids
@@ -183,7 +183,7 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
 
 
 def get_parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--ckpt", default=None, help="checkpoint folder (config.json, model.safetensors, tokenizer files: "
                    "any Hugging Face Qwen3 folder) or a training run's folder (uses its best/, else its last/); "
                    "without it, out (where train.py writes)")

@@ -499,6 +499,7 @@ def test_a_folder_inside_a_live_run_is_refused(stopped, cache, tmp_path):
     ({"args": {"schedule": "linear"}}, ["holds a bad --schedule: expected cosine or wsd, got 'linear'"]),
     ({"args": {"zero_init_output": "yes"}}, ["holds a bad --zero-init-output: expected true or false"]),
     ({"args": {"seq_len": 32.5}}, ["holds a bad --seq-len"]),
+    ({"args": {"max_steps": 2**40}}, ["holds a bad --max-steps", "at most 2,147,483,647"]),
     ("[1, 2, 3]", ["is not a JSON object"]),
     pytest.param("[" * 100_000 + "]" * 100_000, ["is not valid JSON", "nested too deep"], id="nested"),
 ])
@@ -518,4 +519,45 @@ def test_training_state_fields_are_checked(stopped, tmp_path, changes, words):
     before = tree(out)
     code, err = main(["--resume", "--out-dir", str(out), "--max-steps", "20"])
     left_alone(code, err, before, tree(out), str(path), *words)
+
+
+@pytest.mark.parametrize("flag, value", [("--tokenizer", "bpe"), ("--vocab-size", "999"), ("--zero-init-output", None),
+                                         ("--time-budget", "5")])
+def test_resume_refuses_the_flags_only_a_start_uses(stopped, tmp_path, flag, value):
+    """--resume takes the tokenizer, the weights and the step count from last/: a --tokenizer,
+    --vocab-size, --zero-init-output or --time-budget that differs from the run's would be ignored,
+    yet recorded as used. It is refused (exit 2, as a bad flag), naming what the run started with."""
+    out = Path(shutil.copytree(stopped, tmp_path / "out"))
+    before = tree(out)
+    code, err = main(["--resume", "--out-dir", str(out), flag, *([value] if value else [])])
+    assert code == 2
+    line = one_error_line(err)
+    assert line.startswith(f"error: {flag} ") and "--resume goes on as the run started, with" in line
+    assert {k: v for k, v in tree(out).items() if k in before} == before
+    code, err = main(["--resume", "--out-dir", str(out), "--max-steps", "11", "--eval-every", "100",
+                      *(["--tokenizer", "auto", "--vocab-size", "512"] if flag != "--zero-init-output" else [])])
+    assert code == 0, err  # the same values as the run's are no change
+    assert json.loads((out / "last" / "training_state.json").read_text())["args"]["tokenizer"] == "auto"
+
+
+def test_integer_flags_have_an_upper_bound(cache, tmp_path):
+    """Every integer flag stops at 2**31 - 1 (seeds at 2**64): --vocab-size 10**20 is one line before
+    anything is read, not an OverflowError after the corpus."""
+    def takes_fractions(a):
+        try:
+            return a.type("0.5") == 0.5
+        except argparse.ArgumentTypeError:
+            return False
+    ints = [a for a in NUMERIC if not takes_fractions(a)]
+    assert len(ints) >= 20
+    for a in ints:
+        most = 2**64 - 1 if a.dest in ("seed", "split_seed") else flags.INT_MOST
+        assert a.type(str(most)) == most
+        for big in (most + 1, 10**20):
+            with pytest.raises(argparse.ArgumentTypeError, match=r"expected .*, got"):
+                a.type(str(big))
+    code, err = main(tiny(cache, tmp_path / "out", "--vocab-size", str(10**20)))
+    assert code == 2
+    assert "argument --vocab-size: expected a positive integer of at most 2,147,483,647, got" in one_error_line(err)
+    assert not (tmp_path / "out").exists()
 
