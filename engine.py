@@ -2,8 +2,8 @@
 The engine: what qwen3.py computes, computed faster. Read qwen3.py first; nothing here changes what
 the model computes, only how, and tests/ hold each path to the chapter's.
 
-    1. FusedLoss         the training loss in fewer kernels (fused norms, RoPE from tables, all experts
-                         in batched products) and without holding the logits where they cost more
+    1. FusedLoss         the training loss in fewer kernels (fused norms, RoPE from tables, experts'
+                         tokens grouped in one sort) and without holding the logits where they cost more
                          than they save (chunk by chunk on a CPU, or where memory is short)
     2. StaticKVCache     generation's cache allocated once and written in place
     3. Engine            generation: one new token in few, fused operations, from weights laid out
@@ -42,7 +42,7 @@ def rope_tables(config, length: int, device, dtype):
 # A training step of a small model is many small operations, and each costs a launch (on a GPU) or
 # a dispatch (on a CPU) whatever its size. hidden_states computes the chapter's forward pass from
 # fewer: F.rms_norm (one fused kernel on GPUs, forward and backward, for the chapter's five-op
-# RMSNorm), RoPE from tables, and moe_forward, every expert's tokens in three batched products.
+# RMSNorm), RoPE from tables, and moe_forward, the routing slots sorted by expert once.
 # Then the loss. The logits are only a stepping stone to it, yet at B*T rows by vocab columns in
 # fp32 they are the step's largest tensor, and softmax, its backward and their gradients stream
 # through that many bytes again and again. linear_cross_entropy takes the rows of h a chunk at a
@@ -112,24 +112,18 @@ def linear_cross_entropy(h, weight, targets, chunk_size: int = 256):
 
 
 def moe_forward(moe: MoE, x):
-    """The chapter's MoE.forward with every expert's tokens gathered into one padded batch: three
-    batched products for all the experts together, not three per expert, and no scan per expert.
-    With routing this balanced the padding (up to the busiest expert's count) costs little."""
+    """The chapter's MoE.forward with the routing slots sorted by expert once (not scanned once per
+    expert): each expert's tokens gathered into one contiguous group, its three products on that
+    group, and every output scattered back in one index_add. No padding: a busy expert costs its
+    own tokens, whatever the others received."""
     h = x.flatten(0, 1)  # (N, hidden)
     moe.router_logits, weights, chosen = moe.route(h)
-    w = moe.experts
-    E, k = w.gate_proj.size(0), chosen.size(1)
-    expert = chosen.flatten()  # (N k,): each routing slot's expert
+    k, expert = chosen.size(1), chosen.flatten()  # (N k,): each routing slot's expert
     order = expert.argsort(stable=True)  # the slots, grouped by expert
-    counts = torch.bincount(expert, minlength=E)  # (E,)
-    rank = torch.arange(len(order), device=h.device) - (counts.cumsum(0) - counts)[expert[order]]  # place in its group
-    slot = torch.full((E, int(counts.max())), -1, dtype=torch.long, device=h.device)  # (E, busiest): slots, -1 padding
-    slot[expert[order], rank] = order
-    real = slot >= 0
-    rows = h[slot.clamp(min=0) // k] * real[..., None]  # (E, busiest, hidden): each expert's tokens
-    a = F.silu(torch.bmm(rows, w.gate_proj.mT)) * torch.bmm(rows, w.up_proj.mT)  # (E, busiest, I)
-    out = torch.bmm(a, w.down_proj.mT) * weights.flatten()[slot.clamp(min=0)][..., None]  # (E, busiest, hidden)
-    return torch.zeros_like(h).index_add_(0, (slot // k)[real], out[real]).view_as(x)
+    counts = torch.bincount(expert, minlength=moe.experts.gate_proj.size(0)).tolist()  # the groups' sizes
+    groups = h[order // k].split(counts)  # each expert's tokens, (count, hidden)
+    out = torch.cat([moe.experts(group, e) for e, group in enumerate(groups) if counts[e]])  # (N k, hidden)
+    return torch.zeros_like(h).index_add_(0, order // k, out * weights.flatten()[order, None]).view_as(x)
 
 
 def hidden_states(model: Qwen3, input_ids, rope):

@@ -114,9 +114,9 @@ def test_checkpoints_both_ways(shard, tmp_path, assert_logits_close):
 
 
 def test_engine_forms_equal_the_chapter_outputs_and_gradients():
-    """engine.moe_forward (all experts in batched products) and the FusedLoss built on it give the
-    chapter's outputs, gradients and loss, the load-balancing term included; routing deliberately
-    lopsided (one expert busy, one idle) so the padding of the batched form is exercised."""
+    """engine.moe_forward (the routing slots sorted by expert, a group each) and the FusedLoss built on
+    it give the chapter's outputs, gradients and loss, the load-balancing term included; routing
+    deliberately lopsided (one expert busy, one idle), so groups of every size and an empty one."""
     torch.manual_seed(6)
     model = Qwen3(Qwen3Config(**{**BASE, **CONFIGS["aux_loss"]}))
     moe = model.model.layers[0].mlp
