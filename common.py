@@ -1,6 +1,7 @@
 """
-The small helpers the scripts share, each written once: the error line, the device, the tokenizer,
-a file's hash, and publishing a finished folder atomically.
+The small helpers the scripts share, each written once: the error line (and flags that fail in one),
+the device, the tokenizer, a long text in pieces to tokenise, a file's hash, and publishing a
+finished folder atomically.
 """
 
 import argparse
@@ -61,6 +62,23 @@ def load_tokenizer(name_or_path: str, local_only: bool = False):
         return AutoTokenizer.from_pretrained(str(name_or_path), local_files_only=local_only, trust_remote_code=False)
     except Exception as e:  # OSError offline or missing, ValueError for broken files, and more
         raise UserError(f"cannot load tokenizer '{name_or_path}': {one_line(e)}") from None
+
+
+def split_text(text: str, size: int) -> list[str]:
+    """`text` as consecutive pieces of at most `size` characters, each after the first starting at a
+    space that a non-space follows: where the pre-tokenizers of byte-level BPE (GPT-2's, Qwen's,
+    SmolLM's, ours) split anyway, so that each piece tokenises as it does inside the whole text, and
+    tokenising a long text piece by piece costs memory in proportion to a piece. A stretch of `size`
+    characters without such a space is cut where it ends."""
+    pieces, start = [], 0
+    while len(text) - start > size:
+        cut = text.rfind(" ", start + 1, start + size + 1)
+        while cut > start and not text[cut + 1:cut + 2].strip():  # a space that a space (or the end) follows
+            cut = text.rfind(" ", start + 1, cut)
+        cut = cut if cut > start else start + size
+        pieces.append(text[start:cut])
+        start = cut
+    return pieces + [text[start:]]
 
 
 def sha256(path: Path) -> str:

@@ -12,6 +12,7 @@ It lives apart from train.py because none of it is about the model or the optimi
 because it is the part a reader swaps out to train on their own data.
 """
 
+import gc
 import glob
 import hashlib
 import importlib.metadata
@@ -31,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 import common
-from common import UserError, one_line, publish, sha256
+from common import UserError, one_line, publish, sha256, split_text
 
 CACHE_VERSION = 1  # bump when the cache format or the document rules change
 EOS = "<|endoftext|>"  # the separator between documents in trained tokenizers (Qwen's name for it)
@@ -209,9 +210,10 @@ def json_error(path: Path) -> str | None:
     return None
 
 
-def _documents_via_datasets(source: Source, text_field: str, max_docs: int | None) -> list[str]:
+def _documents_via_datasets(source: Source, text_field: str, max_docs: int | None, log) -> list[str]:
     # Hub datasets and local files take the same path: datasets' streaming loaders, which read
-    # only as many rows as we ask for.
+    # only as many rows as we ask for. Rows without text (not a string, or blank) are skipped and
+    # counted; the reader is closed before this returns or raises.
     import datasets
     from datasets.utils import logging as datasets_logging
     datasets.disable_progress_bars()
@@ -225,18 +227,21 @@ def _documents_via_datasets(source: Source, text_field: str, max_docs: int | Non
         args, kwargs = (source.name, source.config), {}
     verbosity = datasets_logging.get_verbosity()
     datasets_logging.set_verbosity(datasets_logging.CRITICAL)  # its errors reach us as exceptions: one line
+    docs, skipped, rows = [], {}, None
     try:
-        rows = datasets.load_dataset(*args, split="train", streaming=True, **kwargs)
-        docs = []
+        rows = iter(datasets.load_dataset(*args, split="train", streaming=True, **kwargs))
         for row in rows:
             if text_field not in row:
                 raise DataError(f"{source.describe()} has no '{text_field}' field (fields: "
                                 f"{', '.join(row)}); choose one with --text-field")
             text = row[text_field]
-            if isinstance(text, str) and text.strip():
-                docs.append(text.strip())
-                if max_docs and len(docs) >= max_docs:
-                    break
+            if not (isinstance(text, str) and text.strip()):
+                why = "blank" if isinstance(text, str) else f"a {type(text).__name__}, not text"
+                skipped[why] = skipped.get(why, 0) + 1
+                continue
+            docs.append(text.strip())
+            if max_docs and len(docs) >= max_docs:
+                break
     except DataError:
         raise
     except Exception as e:  # network, parsing and lookup errors all surface here, in many types
@@ -246,14 +251,21 @@ def _documents_via_datasets(source: Source, text_field: str, max_docs: int | Non
                 raise DataError(f"cannot read {file}: {where}") from None
         raise DataError(f"cannot read {source.describe()}: {one_line(e)}") from None
     finally:
+        if rows is not None:  # a generator: closing it closes its files, and collecting the cycles that hold
+            rows.close()  # pyarrow's parquet scanner ends the scanner's threads now (at the interpreter's
+            gc.collect()  # exit, they could abort it: "terminate called without an active exception")
         datasets_logging.set_verbosity(verbosity)
+    if skipped:
+        log(f"data: skipped {sum(skipped.values())} of {len(docs) + sum(skipped.values())} rows of "
+            f"{source.describe()}, whose '{text_field}' was "
+            + ", ".join(f"{why} ({n})" for why, n in sorted(skipped.items())))
     return docs
 
 
-def load_documents(source: Source, text_field: str, max_docs: int | None) -> list[str]:
+def load_documents(source: Source, text_field: str, max_docs: int | None, log=print) -> list[str]:
     if source.kind == "embedded":
         return embedded_documents(source.name)[:max_docs]
-    return _documents_via_datasets(source, text_field, max_docs)
+    return _documents_via_datasets(source, text_field, max_docs, log)
 
 
 # %% 2. The split
@@ -287,7 +299,7 @@ def train_bpe(docs: list[str], vocab_size: int):
     bpe.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS], show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    bpe.train_from_iterator(docs, trainer)
+    bpe.train_from_iterator((piece for piece, _ in pieces(docs)), trainer)  # the words a piece at a time
     return PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token=EOS, pad_token=EOS)
 
 
@@ -495,12 +507,40 @@ class TokenData:
     spec: str  # the --data value actually used ("auto" resolved), so --resume reads the same data
 
 
+PIECE_CHARS = 2**16  # a longer document is tokenised in pieces of at most this many characters
+BATCH_CHARS = 2**20  # and the pieces in batches of at most this many (the Rust tokenizer parallelises a batch)
+
+
+def pieces(docs: list[str]):
+    """The documents' pieces (common.split_text), each with whether it ends its document."""
+    for doc in docs:
+        parts = split_text(doc, PIECE_CHARS)
+        for i, part in enumerate(parts):
+            yield part, i == len(parts) - 1
+
+
+def batches(docs: list[str]):
+    """The documents' pieces in batches of at most 1024 pieces and BATCH_CHARS characters."""
+    batch, chars = [], 0
+    for piece in pieces(docs):
+        if batch and (len(batch) == 1024 or chars + len(piece[0]) > BATCH_CHARS):
+            yield batch
+            batch, chars = [], 0
+        batch.append(piece)
+        chars += len(piece[0])
+    if batch:
+        yield batch
+
+
 def _write_tokens(docs: list[str], tok, path: Path, dtype, max_tokens: int | None = None) -> int:
+    """The documents' token ids into `path`, EOS after each; at most max_tokens of them. Tokenised a
+    batch of pieces at a time, so the memory it takes follows a batch, not the longest document
+    (tokenising 28 MB of text at once took 5 GB)."""
     n = 0
     with open(path, "wb") as f:
-        for i in range(0, len(docs), 1024):  # batched: the Rust tokenizer parallelises a batch
-            for ids in tok(docs[i:i + 1024], add_special_tokens=False)["input_ids"]:
-                ids = np.asarray(ids + [tok.eos_token_id], dtype=dtype)
+        for batch in batches(docs):
+            for ids, (_, last) in zip(tok([p for p, _ in batch], add_special_tokens=False)["input_ids"], batch):
+                ids = np.asarray(ids + [tok.eos_token_id] * last, dtype=dtype)
                 if max_tokens is not None:
                     ids = ids[:max_tokens - n]
                 f.write(ids.tobytes())
@@ -546,7 +586,10 @@ def prepare_data(spec: str, tokenizer: str, *, vocab_size: int, max_docs: int | 
         nonlocal splits
         if splits is None:
             log(f"data: reading {source.describe()}")
-            splits = split_documents(load_documents(source, text_field, max_docs), val_frac, split_seed)
+            docs = load_documents(source, text_field, max_docs, log)
+            splits = split_documents(docs, val_frac, split_seed)
+            if len(docs) > len(splits[0]) + len(splits[1]):
+                log(f"data: dropped {len(docs) - len(splits[0]) - len(splits[1])} exact duplicate document(s)")
         return splits
 
     if tokenizer in ("auto", "bpe"):

