@@ -6,7 +6,7 @@ Sample text from a Qwen3 checkpoint: one of our training runs, or any Hugging Fa
     echo "In the beginning" | python generate.py --prompt -
     python generate.py --prompt "The city of" -n 5 --show-probs     # each token with its likeliest candidates
     python generate.py --prompt "And it came to pass" --prompt "He was born in"   # one padded batch
-    python generate.py --prompt-file prompts.txt -n 40      # one prompt per line, one batch
+    python generate.py --prompt-file prompts.txt -n 40      # one prompt per line, in batches
     python generate.py --prompt "It is a species of" --no-engine    # every token through qwen3.py's loop
 
 The real Qwen3-0.6B: `hf download Qwen/Qwen3-0.6B --local-dir Qwen3-0.6B` (the CLI of huggingface_hub,
@@ -17,8 +17,15 @@ qwen3.stream yields the new tokens (one pass over the prompt fills the KV cache,
 feeds only the newest token), each printed as soon as it is text. They come from engine.Engine,
 made once after loading, which computes qwen3.py's tokens faster; --no-engine sends them through
 qwen3.next_tokens instead, the loop in qwen3.py's Sampling section.
+
+Text, wherever it comes from (--prompt, stdin, --prompt-file, the interactive prompt), must be
+UTF-8: text with an invalid byte is refused in one line saying where, and the interactive prompt
+goes on (at a terminal, its line editing drops such bytes as they are typed). A prompt too long for
+the context keeps its last tokens, and only its end is read and tokenised; a line of more than
+256 Mi characters is refused. Several prompts go in batches of up to 64 rows.
 """
 import argparse
+import itertools
 import json
 import os
 import sys
@@ -30,7 +37,8 @@ import interactive
 from common import ArgumentParser, UserError, error, load_tokenizer, pick_device
 from engine import Engine
 from qwen3 import CheckpointError, from_pretrained, generate, next_tokens, stream
-from sampling import RULES, Settings, check, make_generator, print_tokens, prompt_ids
+from sampling import (RULES, Settings, check, make_generator, print_tokens, prompt_ids, read_text, utf8,
+                      utf8_stdin)
 
 HF_DOWNLOAD = "hf download Qwen/Qwen3-0.6B --local-dir"  # the real Qwen3-0.6B, into a folder
 
@@ -98,13 +106,21 @@ def load(args):
 
 def read_prompts(args):
     """--prompt (repeatable; "-" reads stdin) and --prompt-file (one prompt per line), in order;
-    with --chat each is a user's message. None of them: [], the interactive prompt."""
-    prompts = [sys.stdin.read().removesuffix("\n") if p == "-" else p for p in args.prompt or []]
+    with --chat each is a user's message. None of them: [], the interactive prompt. Each is UTF-8
+    text, read and kept as sampling.read_text does (its last characters)."""
+    prompts = [utf8(read_text(sys.stdin, "stdin", line=False).removesuffix("\n"), "stdin") if p == "-"
+               else utf8(p, "--prompt") for p in args.prompt or []]
     if args.prompt_file:
         try:
-            with open(args.prompt_file, encoding="utf-8") as f:
-                prompts += [line.rstrip("\r\n") for line in f if line.strip()]
-        except (OSError, UnicodeDecodeError) as e:
+            with open(args.prompt_file, encoding="utf-8", errors="surrogateescape") as f:
+                for n in itertools.count(1):
+                    where = f"--prompt-file {args.prompt_file}, line {n},"
+                    line = read_text(f, where)
+                    if line is None:
+                        break
+                    if line.strip():
+                        prompts.append(utf8(line.rstrip("\r\n"), where))
+        except OSError as e:
             raise UserError(f"--prompt-file {args.prompt_file}: {e.strerror or e}") from None
         if not prompts:
             raise UserError(f"--prompt-file {args.prompt_file} holds no prompt (one per line)")
@@ -130,26 +146,49 @@ def one_prompt(args, model, tokenizer, stop, decoder, settings, prompt):
             sys.exit(130)
 
 
+# A batch holds at most BATCH_ROWS rows and BATCH_TOKENS tokens (rows x (longest prompt + new
+# tokens)): what its KV cache, activations and logits take stays bounded, however many prompts
+# and samples are asked for.
+BATCH_ROWS = 64
+BATCH_TOKENS = 2**15
+
+
+def batches(rows):
+    """(ids, new tokens) rows in batches that fit BATCH_ROWS and BATCH_TOKENS (at least one row each)."""
+    batch = []
+    for row in rows:
+        if batch and (len(batch) == BATCH_ROWS or (len(batch) + 1) * max(len(ids) + n for ids, n in [*batch, row])
+                      > BATCH_TOKENS):
+            yield batch
+            batch = []
+        batch.append(row)
+    if batch:
+        yield batch
+
+
 def one_batch(args, model, tokenizer, stop, decoder, settings, prompts):
-    """Several prompts, each --num-samples times, left-padded into one batch for qwen3.generate;
-    each continuation is printed when all are done, separated by a line."""
+    """Several prompts, each --num-samples times, left-padded into batches for qwen3.generate (as
+    many rows as fit one: batches()), drawn from one generator; each continuation is printed when
+    its batch is done, separated by a line."""
     if settings.show_probs:
         raise UserError("--show-probs takes one prompt")
-    fitted = [prompt_ids(tokenizer, p, settings, model.config.max_position_embeddings, args.chat, args.show_prompt)
-              for p in prompts]
-    rows = [ids for ids, _ in fitted for _ in range(args.num_samples)]
-    n, T = min(n for _, n in fitted), max(len(ids) for ids in rows)
-    device = model.lm_head.weight.device
-    idx = torch.tensor([[0] * (T - len(ids)) + ids for ids in rows], device=device)  # left padding
-    mask = torch.tensor([[0] * (T - len(ids)) + [1] * len(ids) for ids in rows], device=device)
-    out = generate(model, idx, n, temperature=settings.temperature, top_k=settings.top_k, top_p=settings.top_p,
-                   eos_token_id=stop, generator=make_generator(device, settings.seed), attention_mask=mask,
-                   decoder=decoder)
-    for i, (ids, row) in enumerate(zip(rows, out[:, T:].tolist())):
-        new = row[:next((j for j, t in enumerate(row) if t in stop), len(row))]  # up to the first stop
-        if i:
-            print("---------------")
-        print(tokenizer.decode(new if args.chat else ids + new, skip_special_tokens=True))
+    context, device = model.config.max_position_embeddings, model.lm_head.weight.device
+    generator = make_generator(device, settings.seed)
+    rows = (fitted for p in prompts
+            for fitted in [prompt_ids(tokenizer, p, settings, context, args.chat, args.show_prompt)]
+            for _ in range(args.num_samples))
+    for b, batch in enumerate(batches(rows)):
+        n, T = min(n for _, n in batch), max(len(ids) for ids, _ in batch)
+        idx = torch.tensor([[0] * (T - len(ids)) + ids for ids, _ in batch], device=device)  # left padding
+        mask = torch.tensor([[0] * (T - len(ids)) + [1] * len(ids) for ids, _ in batch], device=device)
+        out = generate(model, idx, n, temperature=settings.temperature, top_k=settings.top_k,
+                       top_p=settings.top_p, eos_token_id=stop, generator=generator, attention_mask=mask,
+                       decoder=decoder)
+        for i, ((ids, _), row) in enumerate(zip(batch, out[:, T:].tolist())):
+            new = row[:next((j for j, t in enumerate(row) if t in stop), len(row))]  # up to the first stop
+            if b or i:
+                print("---------------")
+            print(tokenizer.decode(new if args.chat else ids + new, skip_special_tokens=True))
 
 
 # -----------------------------------------------------------------------------
@@ -159,6 +198,7 @@ def one_batch(args, model, tokenizer, stop, decoder, settings, prompts):
 def main(argv=None):
     args = get_parser().parse_args(argv)
     settings = Settings(**{f.name: getattr(args, f.name) for f in fields(Settings)})
+    utf8_stdin()
     try:
         for name in RULES:
             check(name, getattr(args, name))
@@ -188,10 +228,10 @@ def get_parser():
                    "any Hugging Face Qwen3 folder) or a training run's folder (uses its best/, else its last/); "
                    "without it, out (where train.py writes)")
     p.add_argument("--prompt", default=None, action="append", help='generate from this prompt, print and exit ("-" '
-                   'reads it from stdin, "" samples unconditionally); repeat it for several prompts, decoded as '
-                   'one batch; without it (or --prompt-file), open the interactive prompt')
+                   'reads it from stdin, "" samples unconditionally); repeat it for several prompts, decoded '
+                   'together in batches; without it (or --prompt-file), open the interactive prompt')
     p.add_argument("--prompt-file", default=None, help="a text file of prompts, one per line (blank lines "
-                   "skipped), decoded as one batch, after any --prompt")
+                   "skipped), decoded in batches, after any --prompt")
     p.add_argument("-n", "--max-new-tokens", type=int, default=100, help="max new tokens per generation")
     p.add_argument("--temperature", type=float, default=0.8, help="softmax temperature; 0 = greedy")
     p.add_argument("--top-k", type=int, default=50, help="sample only from the k most likely tokens; 0 = off")

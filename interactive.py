@@ -11,7 +11,7 @@ import torch
 
 from common import UserError, error
 from qwen3 import MoE, stream
-from sampling import check, make_generator, print_tokens, prompt_ids, token_piece
+from sampling import check, make_generator, print_tokens, prompt_ids, read_text, token_piece, utf8
 
 HELP = """\
 Type a prompt and press Enter; the continuation streams as it is generated. Lines starting with / are commands:
@@ -165,11 +165,11 @@ class Session:
     def reply(self, line):
         """Stream what follows a line: the prompt, echoed, then its continuation on the same line so
         that it reads on from what was typed; with --chat the model's reply, on its own. Then a line
-        of numbers. An empty line is a prompt too: unconditional samples, or an empty message."""
-        if self.chat:
-            self.history.append({"role": "user", "content": line})
+        of numbers. An empty line is a prompt too: unconditional samples, or an empty message. The
+        conversation keeps the message and its reply once both exist (a failure keeps neither)."""
+        message = {"role": "user", "content": line}
         settings = self.settings
-        ids, max_new_tokens = prompt_ids(self.tokenizer, self.history if self.chat else line, settings,
+        ids, max_new_tokens = prompt_ids(self.tokenizer, [*self.history, message] if self.chat else line, settings,
                                          self.model.config.max_position_embeddings, self.chat, self.show_prompt)
         self.last_ids = ids
         tokens = stream(self.model, torch.tensor([ids], device=self.model.lm_head.weight.device), max_new_tokens,
@@ -180,12 +180,26 @@ class Session:
                                                         probs=settings.show_probs)
         print("\n[stopped]" if interrupted else "")
         if self.chat:
-            self.history.append({"role": "assistant", "content": self.tokenizer.decode(new, skip_special_tokens=True)})
+            reply = self.tokenizer.decode(new, skip_special_tokens=True)
+            self.history += [message, {"role": "assistant", "content": reply}]
         if new:  # decoding speed: the steps after the first token (whose time includes the prompt's pass)
             rate = f", {(len(new) - 1) / (seconds - first):.1f} tokens/s" if len(new) > 1 else ""
             print(f"[{len(new)} tokens{rate}, first token after {first:.2f}s]")
         else:
             print("[no tokens: the model ended at once]")
+
+
+def read_line(prompt=""):
+    """The next line typed at the prompt, without its line break (EOFError at the end): input() at a
+    terminal, for its line editing and history; from a pipe or a file, sampling.read_text, which
+    keeps a line's last characters only and refuses one without end (/dev/zero)."""
+    if sys.stdin.isatty():
+        return input(prompt)
+    print(prompt, end="", flush=True)
+    line = read_text(sys.stdin, "stdin")
+    if line is None:
+        raise EOFError
+    return line.removesuffix("\n")
 
 
 def run(ckpt, model, tokenizer, stop, decoder, settings, chat, show_prompt):
@@ -202,11 +216,12 @@ def run(ckpt, model, tokenizer, stop, decoder, settings, chat, show_prompt):
     print(session.settings_line())
     while True:
         try:
-            line = input("> ")
+            line = read_line("> ")
         except (EOFError, KeyboardInterrupt):
             print()
             return
-        try:  # a bad command or prompt, or a broken model (NaN logits), is one line: the session goes on
+        try:  # a bad command or prompt (not UTF-8, say) or a broken model (NaN logits) is one line; the session goes on
+            line = utf8(line, "the line")
             if not line.startswith("/"):
                 session.reply(line)
             elif session.command(line):

@@ -29,6 +29,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenize
 
 import engine
 import generate
+import interactive
 import qwen3
 import sampling
 from qwen3 import Qwen3, from_pretrained, read_config, save_pretrained
@@ -340,7 +341,7 @@ def test_one_engine_per_loaded_model(ckpt, capsys, monkeypatch):
     run_main(capsys, "--ckpt", ckpt, "--prompt", PROMPT, "--prompt", "The dog", "-n", 5, "--num-samples", 2)
     assert len(made) == 2
     lines = iter([PROMPT, "The dog", "", "/quit"])
-    monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
+    monkeypatch.setattr(interactive, "read_line", lambda prompt="": next(lines))
     out, _ = run_main(capsys, "--ckpt", ckpt, "-n", 5)
     assert out.count(" tokens") >= 3 and len(made) == 3
 
@@ -431,7 +432,7 @@ def test_chat_encode_think_switch(qwen_tok):
 
 def test_interactive_chat_keeps_history_and_resets(qwen_ckpt, capsys, monkeypatch):
     lines = iter(["Hi", "Again", "/think off", "/reset", "Third", "/quit"])
-    monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
+    monkeypatch.setattr(interactive, "read_line", lambda prompt="": next(lines))
     out, err = run_main(capsys, "--ckpt", qwen_ckpt, "--chat", "--show-prompt", "-n", 3, "--temperature", 0)
     prompts = err.split("--- prompt")[1:]
     assert len(prompts) == 3
@@ -445,7 +446,7 @@ def test_interactive_chat_keeps_history_and_resets(qwen_ckpt, capsys, monkeypatc
 
 def test_interactive_seed_command_reseeds(ckpt, capsys, monkeypatch):
     lines = iter(["/seed 5", PROMPT, "/seed 5", PROMPT, "/seed 6", PROMPT, "/quit"])
-    monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
+    monkeypatch.setattr(interactive, "read_line", lambda prompt="": next(lines))
     out, _ = run_main(capsys, "--ckpt", ckpt, "-n", 20, "--temperature", 1, "--top-k", 0, "--top-p", 1)
     replies = re.findall(r"/seed \d /probs off\n(.*?)\n\[\d+ tokens", out, re.S)
     assert len(replies) == 3
@@ -458,7 +459,7 @@ def test_settings_tell_the_truth_about_the_seed(ckpt, capsys, monkeypatch):
     again (which is checked); a greedy generation draws nothing."""
     lines = iter(["/settings", PROMPT, "/settings", "/seed 3", PROMPT, "/seed 3", "/temp 0", PROMPT, "/settings",
                   "/quit"])
-    monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
+    monkeypatch.setattr(interactive, "read_line", lambda prompt="": next(lines))
     out, _ = run_main(capsys, "--ckpt", ckpt, "-n", 20, "--temperature", 1, "--top-k", 0, "--top-p", 1, "--seed", 3)
     seeds = re.findall(r"^settings: /temp \S+ /topk \S+ /topp \S+ /n \d+ /seed (.*) /probs off$", out, re.M)
     drawn = "3 (the sampler has drawn since it was set: /seed 3 starts it again)"
@@ -472,7 +473,7 @@ def test_interactive_continuation_reads_on_from_the_prompt(ckpt, hf, tok, capsys
     prompt (" on the mat"). The prompt is echoed and continued on its line, as --prompt prints it."""
     want = PROMPT + reference(hf, tok, PROMPT, 12, {tok.eos_token_id})
     lines = iter([PROMPT, "/quit"])
-    monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
+    monkeypatch.setattr(interactive, "read_line", lambda prompt="": next(lines))
     out, _ = run_main(capsys, "--ckpt", ckpt, "-n", 12, "--temperature", 0)
     assert re.search(r"/probs off\n(.*?)\n\[\d+ tokens", out, re.S).group(1) == want
     one_shot, _ = run_main(capsys, "--ckpt", ckpt, "--prompt", PROMPT, "-n", 12, "--temperature", 0)
@@ -743,7 +744,7 @@ def test_interactive_chat_tokens_and_think(qwen_ckpt, qwen_tok, capsys, monkeypa
     """--chat: /tokens lists the whole templated prompt (as the chat template tokenizes it), /think
     shows in the settings, and an empty line is an empty message, as --prompt "" is."""
     lines = iter(["/settings", "/think off", "", "/tokens", "/help", "/quit"])
-    monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
+    monkeypatch.setattr(interactive, "read_line", lambda prompt="": next(lines))
     out, err = run_main(capsys, "--ckpt", qwen_ckpt, "--chat", "--show-prompt", "-n", 2, "--temperature", 0)
     assert "/probs off /think on" in out and "/probs off /think off" in out
     want = qwen_tok.apply_chat_template([{"role": "user", "content": ""}], add_generation_prompt=True,
@@ -886,7 +887,7 @@ def test_a_broken_model_says_so(ckpt, tmp_path, capsys, monkeypatch):
         assert e.value.code == 1
         assert_one_line_error(err, "NaN or infinite logits")
     lines = iter([PROMPT, "/temp 0", PROMPT, "/settings", "/quit"])
-    monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
+    monkeypatch.setattr(interactive, "read_line", lambda prompt="": next(lines))
     out, err = run_main(capsys, "--ckpt", broken)
     assert err.count("NaN or infinite logits") == 2 and "settings: /temp 0" in out  # it went on after each
 
@@ -906,7 +907,7 @@ def test_interactive_experts_shows_transformers_routing(tmp_path, capsys, monkey
     hf = transformers.Qwen3MoeForCausalLM(cfg).eval()
     hf.save_pretrained(path)
     lines = iter(["/experts", PROMPT, "/experts", "/quit"])
-    monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
+    monkeypatch.setattr(interactive, "read_line", lambda prompt="": next(lines))
     out, _ = run_main(capsys, "--ckpt", path, "-n", 3, "--temperature", 0)
     assert "no prompt yet: /experts looks at the last one" in out
     ids = tok.encode(PROMPT)
