@@ -226,9 +226,10 @@ def describe(run: Run, state: RunState, resuming: bool):
     say(f"data: {meta['source']}: {meta['train_tokens']:,} training tokens ({meta['train_docs']} documents), "
         f"{meta['val_tokens']:,} validation tokens ({meta['val_docs']} documents), tokenizer vocab "
         f"{len(run.data.tokenizer)}")
-    moe = ("num_experts", "num_experts_per_tok", "moe_intermediate_size") if config.num_experts else ()
-    say("model: " + json.dumps({k: getattr(config, k) for k in ("vocab_size", *flags.SHAPE_FLAGS, *moe, "dropout",
-                                                                "max_position_embeddings")})
+    moe = config.num_experts > 0  # else its three fields describe nothing
+    shape = [k for k in ("vocab_size", *flags.SHAPE_FLAGS, "dropout", "max_position_embeddings")
+             if moe or k not in ("num_experts", "num_experts_per_tok", "moe_intermediate_size")]
+    say("model: " + json.dumps({k: getattr(config, k) for k in shape})
         + f", {run.model.num_params() / 1e6:.2f}M parameters"
         + (f", {run.model.num_params(active=True) / 1e6:.2f}M active a token" if moe else ""))
     epoch_steps = run.batches.windows_per_epoch * args.seq_len / run.tokens_per_step
