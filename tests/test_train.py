@@ -215,6 +215,21 @@ def test_resume_is_exact(ref, cache, tmp_path):
         torch.testing.assert_close(pa, pb, atol=1e-6, rtol=0, msg=name)
 
 
+def test_compiled_training_resumes_exactly(cache, tmp_path):
+    """--compile (torch.compile of engine.FusedLoss) trains, and 4 steps in one go equal 2 steps, a
+    stop and a compiled --resume (--compile is this session's choice, not the run's: given again)."""
+    flags = ["--max-steps", "4", "--eval-every", "2", "--compile", "--eval-sample-tokens", "0"]
+    assert run(cache, tmp_path / "whole", *flags) == 0
+    out = tmp_path / "out"
+    assert run(cache, out, *flags, "--stop-at", "2") == 0
+    assert main(["--resume", "--out-dir", str(out), "--compile"]) == 0
+    assert [r["val_loss"] for r in metrics(out)] == pytest.approx([r["val_loss"] for r in metrics(tmp_path / "whole")],
+                                                                  abs=1e-6)
+    a, b = from_pretrained(tmp_path / "whole" / "last"), from_pretrained(out / "last")
+    for (name, pa), pb in zip(a.state_dict().items(), b.state_dict().values()):
+        torch.testing.assert_close(pa, pb, atol=1e-6, rtol=0, msg=name)
+
+
 def test_resume_of_a_run_saved_before_later_flags(cache, tmp_path):
     """A checkpoint written before --momentum-warmup-frac existed, of a cpu-preset model when the
     preset's head was still tied: --resume continues it as it started (no warmup, tied head)."""
