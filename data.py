@@ -225,15 +225,22 @@ def _documents_via_datasets(source: Source, text_field: str, max_docs: int | Non
         args = (builder,)
     else:
         args, kwargs = (source.name, source.config), {}
+    def no_field(fields):
+        return DataError(f"{source.describe()} has no '{text_field}' field (fields: {', '.join(fields)}); choose one "
+                         f"with --text-field")
     verbosity = datasets_logging.get_verbosity()
     datasets_logging.set_verbosity(datasets_logging.CRITICAL)  # its errors reach us as exceptions: one line
     docs, skipped, rows = [], {}, None
     try:
+        if args == ("parquet",):  # a parquet file's columns are in its footer: a scan stopped at its first
+            import pyarrow.parquet as pq  # row would leave pyarrow's threads running, and abort the exit
+            for file in source.files:
+                if text_field not in (fields := pq.read_schema(file).names):
+                    raise no_field(fields)
         rows = iter(datasets.load_dataset(*args, split="train", streaming=True, **kwargs))
         for row in rows:
             if text_field not in row:
-                raise DataError(f"{source.describe()} has no '{text_field}' field (fields: "
-                                f"{', '.join(row)}); choose one with --text-field")
+                raise no_field(row)
             text = row[text_field]
             if not (isinstance(text, str) and text.strip()):
                 why = "blank" if isinstance(text, str) else f"a {type(text).__name__}, not text"
