@@ -18,14 +18,12 @@ Read it top to bottom:
                       and SIGTERM save last/ at the end of the step
 The rest is in modules named for what they do: data.py (where the tokens come from, in which
 order they are read), checkpoint.py (how a checkpoint survives a crash; one run per out-dir),
-flags.py, ranks.py (torchrun's processes), budget.py (--time-budget), plots.py (curves.png) and
-stopping.py (Ctrl-C and SIGTERM).
+flags.py, report.py (what a run prints and logs), plots.py (its pictures), budget.py
+(--time-budget), ranks.py (torchrun's processes) and stopping.py (Ctrl-C and SIGTERM).
 
-Under torchrun the same loop runs in every process (a "rank") with PyTorch's
-DistributedDataParallel: the flags still fix the global batch, each rank reads its own share of
-the step's samples, gradients are averaged across ranks during the last backward pass of a step,
-and every rank then takes the same optimizer step, so all hold the same weights. Decisions
-(stop, NaN) are taken together; rank 0 alone prints and writes files.
+Under torchrun the same loop runs in every process (a "rank") with DistributedDataParallel: the
+flags fix the global batch, each rank trains on its share of it, the gradients are averaged, and
+every rank takes the same step; rank 0 alone prints and writes files.
 """
 
 import argparse
@@ -36,7 +34,6 @@ import shutil
 import signal
 import sys
 import time
-import unicodedata
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,6 +46,7 @@ from tqdm import tqdm
 
 import budget
 import flags
+import report
 from checkpoint import (check_out_dir, check_outside_saves, own_out_dir, read_training_info, release_out_dirs,
                         restore_training_state, save_checkpoint, training_state)
 from common import UserError, error, pick_device
@@ -220,29 +218,6 @@ def open_out_dir(run: Run, state: RunState, resuming: bool):
     metrics.write_text("".join(json.dumps(r) + "\n" for r in kept))
 
 
-def describe(run: Run, state: RunState, resuming: bool):
-    """The run in a few lines: its data, its model, its steps, and what the numbers shown mean."""
-    args, meta, config = run.args, run.data.meta, run.model.config
-    say(f"data: {meta['source']}: {meta['train_tokens']:,} training tokens ({meta['train_docs']} documents), "
-        f"{meta['val_tokens']:,} validation tokens ({meta['val_docs']} documents), tokenizer vocab "
-        f"{len(run.data.tokenizer)}")
-    moe = config.num_experts > 0  # else its three fields describe nothing
-    shape = [k for k in ("vocab_size", *flags.SHAPE_FLAGS, "dropout", "max_position_embeddings")
-             if moe or k not in ("num_experts", "num_experts_per_tok", "moe_intermediate_size")]
-    say("model: " + json.dumps({k: getattr(config, k) for k in shape})
-        + f", {run.model.num_params() / 1e6:.2f}M parameters"
-        + (f", {run.model.num_params(active=True) / 1e6:.2f}M active a token" if moe else ""))
-    epoch_steps = run.batches.windows_per_epoch * args.seq_len / run.tokens_per_step
-    lrs = f"lr {args.lr:g}" + (f", muon lr {args.muon_lr:g}" if args.optimizer == "muon" else "")
-    ranks = f" x {run.world} processes (each batch {run.batch} x accum {run.accum})" if run.world > 1 else ""
-    say(f"training: {args.max_steps} steps of {run.tokens_per_step:,} tokens (batch {args.batch_size} x seq "
-        f"{args.seq_len} x accum {args.grad_accum}), one epoch = {epoch_steps:.0f} steps; {args.optimizer} "
-        f"({lrs}), device {run.device.type}{ranks}, {args.dtype}" + (", compiled" if args.compile else "")
-        + (f"; resuming at step {state.step}" if resuming else ""))
-    say("the bar's batch_loss is the loss of the batch just trained on, in training mode (--dropout on); 'eval:' "
-        "lines score the same fixed windows of each split in eval mode, comparable from one to the next")
-
-
 # %% 3. Evaluation
 # Both splits are scored on the same fixed windows every time, in eval mode (no dropout), so the
 # numbers are comparable across evaluations and the train/validation gap measures memorisation.
@@ -309,24 +284,6 @@ def sample(model, tokenizer, n: int, device, seed: int) -> str:
     return tokenizer.decode(out[0, 1:], skip_special_tokens=True)
 
 
-def show_sample(label: str, text: str) -> str:
-    """`label` and a sample as the text reads, not a Python repr: its line breaks kept (indented
-    under the label's end); control and format characters, which a terminal would act on, escaped."""
-    text = "".join(repr(c)[1:-1] if unicodedata.category(c) in ("Cc", "Cf", "Zl", "Zp") and c not in "\n\t" else c
-                   for c in text)
-    return label + text.replace("\n", "\n" + " " * len(label))
-
-
-def log_eval(out: Path, record: dict, write):
-    write(f"step {record['step']:>5} | epoch {record['epoch']:.2f} | eval: train loss {record['train_loss']:.4f} "
-          f"({record['train_bpb']:.3f} bpb) | val loss {record['val_loss']:.4f} ({record['val_bpb']:.3f} bpb) | "
-          f"ppl {record['val_ppl']:.2f} | acc {record['val_acc']:.3f} | {record['elapsed_s'] / 60:.1f} min")
-    if "sample" in record:
-        write(show_sample("  sample: ", record["sample"]))
-    with open(out / "metrics.jsonl", "a") as f:
-        f.write(json.dumps(record) + "\n")
-
-
 def evaluate_and_save(run: Run, state: RunState, write):
     """What happens between steps: at an evaluation step, score both splits, log them and keep a
     new best in best/; then save last/ at evaluations and every --save-every steps."""
@@ -345,7 +302,7 @@ def evaluate_and_save(run: Run, state: RunState, write):
             if args.eval_sample_tokens > 0:
                 record["sample"] = sample(run.model, run.data.tokenizer, args.eval_sample_tokens, run.device,
                                           args.seed)
-            log_eval(run.out, record, write)
+            report.log_eval(run.out, record, write)
             redraw_curves(run.out, run.model.num_params(), write)
         if step > 0 and math.isfinite(val_loss) and (state.best_val_loss is None or val_loss < state.best_val_loss):
             state.best_val_loss, state.best_step = val_loss, step
@@ -460,7 +417,7 @@ def train(args, device: torch.device, info: dict | None, started: float) -> int:
     if run.rank > 0:  # dropout: other ranks draw masks of their own (rank 0 keeps the checkpointed stream)
         torch.manual_seed(int(np.random.SeedSequence([args.seed, run.rank, state.step]).generate_state(1)[0]))
     open_out_dir(run, state, resuming=info is not None)
-    describe(run, state, resuming=info is not None)
+    report.describe(run, state, resuming=info is not None)
 
     with (tqdm(total=args.max_steps, initial=state.step, disable=None if run.rank == 0 else True,
                dynamic_ncols=True, unit="step") as bar,
@@ -491,7 +448,7 @@ def train(args, device: torch.device, info: dict | None, started: float) -> int:
                             tok_s=f"{run.tokens_per_step / (time.perf_counter() - t0):,.0f}")
 
     if args.sample_tokens > 0 and run.rank == 0:
-        print(show_sample("sample: ", sample(run.model, run.data.tokenizer, args.sample_tokens, device, args.seed)))
+        print(report.show_sample("sample: ", sample(run.model, run.data.tokenizer, args.sample_tokens, device, args.seed)))
     if state.best_step is not None:
         say(f"done: best val loss {state.best_val_loss:.4f} (ppl {perplexity(state.best_val_loss):.2f}, "
             f"{run.bits_per_byte(state.best_val_loss, 'val'):.3f} bits per byte) at step {state.best_step} in "

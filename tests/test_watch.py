@@ -15,6 +15,7 @@ import torch
 
 import data
 import plots
+import report
 import train
 from flags import DEVICE_DEFAULTS
 from qwen3 import PRESETS, Qwen3, from_pretrained
@@ -235,7 +236,7 @@ def test_plot_metrics_draws_several_runs(watched, tmp_path):
 def printed_at(lines: list[str], at: int, label: str, sample: str):
     """lines[at:] begin with the sample as train.py shows it: as text, not a Python repr (see
     test_samples_are_shown_as_text)."""
-    text = train.show_sample(label, sample)
+    text = report.show_sample(label, sample)
     assert "\n".join(lines[at:at + text.count("\n") + 1]) == text
 
 
@@ -262,7 +263,7 @@ def test_a_sample_at_every_evaluation(watched):
 def test_samples_are_shown_as_text():
     """No repr (a no-break space is a space); control and format characters, which a terminal would
     act on, escaped; line breaks kept, under the label's end."""
-    assert train.show_sample("  sample: ", "a\xa0b\nc\x1bd\u202e\te\u2028") == \
+    assert report.show_sample("  sample: ", "a\xa0b\nc\x1bd\u202e\te\u2028") == \
         "  sample: a\xa0b\n          c\\x1bd\\u202e\te\\u2028"
 
 

@@ -1,0 +1,53 @@
+"""
+What a training run tells you, apart from its curves (plots.py): its description at the start (the
+data, the model, the steps, what the numbers shown mean), and at each evaluation a line of scores
+and a sample, the same record appended to OUT/metrics.jsonl.
+"""
+
+import json
+import unicodedata
+from pathlib import Path
+
+import flags
+from ranks import say
+
+
+def describe(run, state, resuming: bool):
+    """The run in a few lines: its data, its model, its steps, and what the numbers shown mean."""
+    args, meta, config = run.args, run.data.meta, run.model.config
+    say(f"data: {meta['source']}: {meta['train_tokens']:,} training tokens ({meta['train_docs']} documents), "
+        f"{meta['val_tokens']:,} validation tokens ({meta['val_docs']} documents), tokenizer vocab "
+        f"{len(run.data.tokenizer)}")
+    moe = config.num_experts > 0  # else its three fields describe nothing
+    shape = [k for k in ("vocab_size", *flags.SHAPE_FLAGS, "dropout", "max_position_embeddings")
+             if moe or k not in ("num_experts", "num_experts_per_tok", "moe_intermediate_size")]
+    say("model: " + json.dumps({k: getattr(config, k) for k in shape})
+        + f", {run.model.num_params() / 1e6:.2f}M parameters"
+        + (f", {run.model.num_params(active=True) / 1e6:.2f}M active a token" if moe else ""))
+    epoch_steps = run.batches.windows_per_epoch * args.seq_len / run.tokens_per_step
+    lrs = f"lr {args.lr:g}" + (f", muon lr {args.muon_lr:g}" if args.optimizer == "muon" else "")
+    ranks = f" x {run.world} processes (each batch {run.batch} x accum {run.accum})" if run.world > 1 else ""
+    say(f"training: {args.max_steps} steps of {run.tokens_per_step:,} tokens (batch {args.batch_size} x seq "
+        f"{args.seq_len} x accum {args.grad_accum}), one epoch = {epoch_steps:.0f} steps; {args.optimizer} "
+        f"({lrs}), device {run.device.type}{ranks}, {args.dtype}" + (", compiled" if args.compile else "")
+        + (f"; resuming at step {state.step}" if resuming else ""))
+    say("the bar's batch_loss is the loss of the batch just trained on, in training mode (--dropout on); 'eval:' "
+        "lines score the same fixed windows of each split in eval mode, comparable from one to the next")
+
+
+def show_sample(label: str, text: str) -> str:
+    """`label` and a sample as the text reads, not a Python repr: its line breaks kept (indented
+    under the label's end); control and format characters, which a terminal would act on, escaped."""
+    text = "".join(repr(c)[1:-1] if unicodedata.category(c) in ("Cc", "Cf", "Zl", "Zp") and c not in "\n\t" else c
+                   for c in text)
+    return label + text.replace("\n", "\n" + " " * len(label))
+
+
+def log_eval(out: Path, record: dict, write):
+    write(f"step {record['step']:>5} | epoch {record['epoch']:.2f} | eval: train loss {record['train_loss']:.4f} "
+          f"({record['train_bpb']:.3f} bpb) | val loss {record['val_loss']:.4f} ({record['val_bpb']:.3f} bpb) | "
+          f"ppl {record['val_ppl']:.2f} | acc {record['val_acc']:.3f} | {record['elapsed_s'] / 60:.1f} min")
+    if "sample" in record:
+        write(show_sample("  sample: ", record["sample"]))
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write(json.dumps(record) + "\n")
