@@ -851,8 +851,7 @@ def from_pretrained(path, dtype=None, device=None) -> Qwen3:
     for k, shape in expected.items():
         if tuple(state[k].shape) != shape:
             raise CheckpointError(f"{path}: {k} has shape {list(state[k].shape)}, config.json implies {list(shape)}")
-    state = {k: v.to(device=device, dtype=dtype if dtype is not None and v.is_floating_point() else v.dtype)
-             for k, v in state.items()}  # before tying: a tied embedding is converted once
+    state = {k: v.to(device=device, dtype=dtype or v.dtype) for k, v in state.items()}  # before tying: converted once
     if config.tie_word_embeddings:
         state["lm_head.weight"] = state["model.embed_tokens.weight"]
     model.load_state_dict(state, strict=True, assign=True)
