@@ -47,6 +47,18 @@ def pick_device(name: str = "auto"):
     return torch.device(name)
 
 
+
+def free_memory(device) -> int | None:
+    """Bytes this device can still hand out (CUDA's free memory, Linux's MemAvailable), None if unknown."""
+    import torch
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        line = next(l for l in Path("/proc/meminfo").read_text().splitlines() if l.startswith("MemAvailable:"))
+        return int(line.split()[1]) * 1024  # reported in kB
+    except (OSError, StopIteration, ValueError, IndexError):
+        return None  # not Linux (macOS, Windows, mps): no check
+
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
                    "spiece.model")  # any one of them makes a folder a tokenizer to transformers
 

@@ -49,7 +49,7 @@ import flags
 import report
 from checkpoint import (check_out_dir, check_outside_saves, own_out_dir, read_training_info, release_out_dirs,
                         restore_training_state, save_checkpoint, training_state)
-from common import UserError, error, pick_device
+from common import UserError, error, free_memory, pick_device
 from data import Batches, TokenData, fixed_starts, prepare_data, target_bytes, token_bytes, windows
 from engine import FastMuon, FusedLoss
 from plots import read_metrics, redraw_curves
@@ -168,8 +168,15 @@ def setup(args, device: torch.device, info: dict | None, log=say) -> Run:
     eval_bytes = {split: target_bytes(getattr(data, split), starts, args.seq_len, data.tokenizer, table)
                   for split, starts in eval_starts.items()}
 
+    config = flags.model_config(args, data.tokenizer)
+    with torch.device("meta"):  # shapes only: the size is known before a byte is allocated
+        params = Qwen3(config).num_params()
+    need, free = 16 * params, free_memory(device)  # fp32 weights, gradients, two AdamW moments
+    if free is not None and need > free:
+        raise UserError(f"the model has {params / 1e9:.2f}B parameters: training needs at least "
+                        f"{need / 2**30:.1f} GiB, {device.type} has {free / 2**30:.1f} GiB free; choose a smaller model")
     torch.manual_seed(args.seed)
-    model = Qwen3(flags.model_config(args, data.tokenizer))
+    model = Qwen3(config)
     if args.zero_init_output:
         for layer in model.model.layers:
             torch.nn.init.zeros_(layer.self_attn.o_proj.weight)

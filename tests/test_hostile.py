@@ -27,11 +27,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from transformers import AutoTokenizer
 
 import checkpoint
+import common
 import data
 import flags
 import generate
@@ -569,6 +571,25 @@ def test_integer_flags_have_an_upper_bound(cache, tmp_path):
     assert "argument --vocab-size: expected a positive integer of at most 2,147,483,647, got" in one_error_line(err)
     assert not (tmp_path / "out").exists()
 
+
+
+def test_a_model_too_big_for_memory_is_one_line(cache, tmp_path, monkeypatch):
+    """A shape that cannot fit is refused from its parameter count (a meta-device build), before
+    anything is allocated: one line, not the allocator's traceback after minutes of setup."""
+    pages = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    free = common.free_memory(torch.device("cpu"))
+    assert free is None or 0 < free <= pages  # Linux: MemAvailable, at most the machine's memory
+    big = ["--hidden-size", "65536", "--intermediate-size", "262144", "--num-hidden-layers", "64"]
+    code, err = main(tiny(cache, tmp_path / "out", *big))
+    if free is not None:  # 64 MLPs of 3 x 65536 x 262144 weights: 3.3T parameters, 48 TiB to train
+        assert code == 1, err
+        assert re.fullmatch(r"error: the model has 3299\.\d\dB parameters: training needs at least 4915\d\.\d GiB, cpu has "
+                            r"[\d.]+ GiB free; choose a smaller model", one_error_line(err))
+    monkeypatch.setattr(train, "free_memory", lambda device: 2**30)  # the boundary: 16 bytes a parameter
+    code, err = main(tiny(cache, tmp_path / "out2", "--hidden-size", "2048", "--intermediate-size", "8192"))
+    assert code == 1 and "training needs at least" in one_error_line(err), err
+    code, err = main(tiny(cache, tmp_path / "out3", "--max-steps", "1"))
+    assert code == 0, err  # a small model still trains under the same 1 GiB
 
 # %% data: huge documents in pieces (class 2), rows without text counted, readers closed (class 7)
 
