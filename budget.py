@@ -1,6 +1,6 @@
 """
---time-budget MINUTES: the --max-steps that ends the whole run (setup, steps, evaluations, saves,
-the final sample) on time, on this machine.
+What fits on this machine: the model in its memory, and with --time-budget MINUTES the --max-steps
+that ends the whole run (setup, steps, evaluations, saves, the final sample) on time.
 
 The schedule (its warmup too) depends on --max-steps, so the count is fixed before the first step:
 a throwaway copy of the run, built the same way and writing to a temporary folder, takes a few
@@ -17,10 +17,23 @@ import time
 import torch
 import torch.distributed as dist
 
-from common import UserError
+from common import UserError, free_memory
+from qwen3 import Qwen3
 from ranks import all_ranks, say
 
 PROBE_STEPS = 4  # the first includes one-off costs (allocation, compilation): timed apart
+
+
+def check_memory(config, device):
+    """Refuse a model whose training cannot fit the device's free memory: 16 bytes a parameter (fp32
+    weights, gradients and two AdamW moments) before any activation. Counted on the meta device,
+    where building a model allocates nothing."""
+    with torch.device("meta"):
+        params = Qwen3(config).num_params()
+    need, free = 16 * params, free_memory(device)
+    if free is not None and need > free:
+        raise UserError(f"the model has {params / 1e9:.2f}B parameters: training needs at least {need / 2**30:.1f} "
+                        f"GiB, {device.type} has {free / 2**30:.1f} GiB free; choose a smaller model")
 
 
 def seconds(f, *args) -> float:

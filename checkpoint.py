@@ -38,6 +38,7 @@ from pathlib import Path
 import torch
 
 from common import UserError, one_line, publish, sha256
+from plots import read_metrics
 from qwen3 import CheckpointError, Qwen3, Qwen3Config, read_config, read_json, save_pretrained
 
 try:
@@ -218,6 +219,17 @@ def check_out_dir(out: Path, config: Qwen3Config, shape: tuple, resuming: bool, 
     if not resuming:
         raise UserError(f"{out} already holds a checkpoint ({existing}); pass --resume to continue it "
                         f"or --overwrite to start again")
+
+
+def open_out_dir(out: Path, overwrite: bool, resumed_step: int | None):
+    """Ready OUT/ for this session, once setup has succeeded (a bad flag deletes nothing): --overwrite
+    removes the old checkpoints; metrics.jsonl starts empty, or a resumed run's goes on from its step."""
+    if overwrite and resumed_step is None:
+        for name in ("best", "last"):
+            shutil.rmtree(out / name, ignore_errors=True)
+    metrics = out / "metrics.jsonl"
+    kept = [r for r in read_metrics(metrics) if r["step"] <= resumed_step] if resumed_step is not None else []
+    metrics.write_text("".join(json.dumps(r) + "\n" for r in kept))
 
 
 def save_checkpoint(out: Path, name: str, model: Qwen3, tokenizer, state: dict | None = None, info: dict | None = None):

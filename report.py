@@ -5,10 +5,14 @@ and a sample, the same record appended to OUT/metrics.jsonl.
 """
 
 import json
+import math
 import unicodedata
 from pathlib import Path
 
+import torch
+
 import flags
+from qwen3 import generate
 from ranks import say
 
 
@@ -51,3 +55,21 @@ def log_eval(out: Path, record: dict, write):
         write(show_sample("  sample: ", record["sample"]))
     with open(out / "metrics.jsonl", "a") as f:
         f.write(json.dumps(record) + "\n")
+
+
+def perplexity(loss: float) -> float:
+    """exp(loss), or inf past the largest float (a diverged run)."""
+    return math.exp(loss) if loss < 709 else math.inf
+
+
+def sample(model, tokenizer, n: int, device, seed: int) -> str:
+    """A short continuation of an empty document (the EOS separator), to see what the model writes.
+    Its own random generator: training's random stream is left as it was."""
+    training = model.training
+    model.eval()
+    idx = torch.tensor([[tokenizer.eos_token_id]], device=device)
+    n = min(n, model.config.max_position_embeddings - 1)  # the context the model was trained on
+    out = generate(model, idx, n, temperature=0.8, top_k=50, eos_token_id=tokenizer.eos_token_id,
+                   generator=torch.Generator(device).manual_seed(seed))
+    model.train(training)
+    return tokenizer.decode(out[0, 1:], skip_special_tokens=True)

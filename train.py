@@ -18,8 +18,8 @@ Read it top to bottom:
                       and SIGTERM save last/ at the end of the step
 The rest is in modules named for what they do: data.py (where the tokens come from, in which
 order they are read), checkpoint.py (how a checkpoint survives a crash; one run per out-dir),
-flags.py, report.py (what a run prints and logs), plots.py (its pictures), budget.py
-(--time-budget), ranks.py (torchrun's processes) and stopping.py (Ctrl-C and SIGTERM).
+flags.py, report.py (what a run prints and logs, its samples), plots.py (its pictures), budget.py
+(what fits: the model in memory, --time-budget's steps), ranks.py (torchrun's processes) and stopping.py (Ctrl-C and SIGTERM).
 
 Under torchrun the same loop runs in every process (a "rank") with DistributedDataParallel: the
 flags fix the global batch, each rank trains on its share of it, the gradients are averaged, and
@@ -27,10 +27,8 @@ every rank takes the same step; rank 0 alone prints and writes files.
 """
 
 import argparse
-import json
 import math
 import shlex
-import shutil
 import signal
 import sys
 import time
@@ -47,13 +45,13 @@ from tqdm import tqdm
 import budget
 import flags
 import report
-from checkpoint import (check_out_dir, check_outside_saves, own_out_dir, read_training_info, release_out_dirs,
-                        restore_training_state, save_checkpoint, training_state)
-from common import UserError, error, free_memory, pick_device
+from checkpoint import (check_out_dir, check_outside_saves, open_out_dir, own_out_dir, read_training_info,
+                        release_out_dirs, restore_training_state, save_checkpoint, training_state)
+from common import UserError, error, pick_device
 from data import Batches, TokenData, fixed_starts, prepare_data, target_bytes, token_bytes, windows
 from engine import FastMuon, FusedLoss
-from plots import read_metrics, redraw_curves
-from qwen3 import CheckpointError, MoE, Muon, Qwen3, configure_optimizers, from_pretrained, generate, load_balancing_loss
+from plots import redraw_curves
+from qwen3 import CheckpointError, MoE, Muon, Qwen3, configure_optimizers, from_pretrained, load_balancing_loss
 from ranks import all_ranks, first_on_each_machine, init_distributed, rank_and_world, same_on_every_rank, say
 from stopping import StopRequest
 
@@ -169,12 +167,7 @@ def setup(args, device: torch.device, info: dict | None, log=say) -> Run:
                   for split, starts in eval_starts.items()}
 
     config = flags.model_config(args, data.tokenizer)
-    with torch.device("meta"):  # shapes only: the size is known before a byte is allocated
-        params = Qwen3(config).num_params()
-    need, free = 16 * params, free_memory(device)  # fp32 weights, gradients, two AdamW moments
-    if free is not None and need > free:
-        raise UserError(f"the model has {params / 1e9:.2f}B parameters: training needs at least "
-                        f"{need / 2**30:.1f} GiB, {device.type} has {free / 2**30:.1f} GiB free; choose a smaller model")
+    budget.check_memory(config, device)  # a model too big is one line, not the allocator's traceback
     torch.manual_seed(args.seed)
     model = Qwen3(config)
     if args.zero_init_output:
@@ -212,35 +205,17 @@ def resume(run: Run, info: dict) -> RunState:
                     info.get("steps_s", 0.0), saved_at=info["step"])  # .get: checkpoints from before steps_s
 
 
-def open_out_dir(run: Run, state: RunState, resuming: bool):
-    """--overwrite deletes the old checkpoints; a resumed metrics.jsonl goes on from its step. (OUT/
-    exists: parse_args made it and holds its lock.)"""
-    if run.rank > 0:
-        return
-    if run.args.overwrite and not resuming:
-        for name in ("best", "last"):
-            shutil.rmtree(run.out / name, ignore_errors=True)
-    metrics = run.out / "metrics.jsonl"
-    kept = [r for r in read_metrics(metrics) if r["step"] <= state.step] if resuming else []
-    metrics.write_text("".join(json.dumps(r) + "\n" for r in kept))
-
-
 # %% 3. Evaluation
-# Both splits are scored on the same fixed windows every time, in eval mode (no dropout), so the
-# numbers are comparable across evaluations and the train/validation gap measures memorisation.
-# Perplexity is exp(validation loss); accuracy is the fraction of next tokens predicted by argmax;
-# bits per byte is the summed loss of every scored target, in bits, over the UTF-8 bytes those
-# targets stand for (counted once, at setup: data.target_bytes), which compares runs whose
-# tokenizers differ, as loss per token cannot. EOS targets count in the sum (where a document ends
-# is part of the task) and stand for 0 bytes. Under torchrun each rank scores every world-th batch
-# and the sums are added up across ranks. A mixture of experts also records its load-balancing loss
-# (unweighted; not in val_loss) and each sparse layer's expert load: the share of routing slots each
-# expert took over the validation windows (OUT/experts.png draws it over training).
-#
-# Every --eval-every steps (and at the end) the scores are logged, with a short sample from the
-# same start (an empty document) and seed each time, so the text can be watched turning from
-# noise into words; OUT/curves.png is redrawn; a new best validation loss replaces best/, and
-# last/ is saved; --save-every saves last/ more often.
+# Both splits are scored on the same fixed windows each time, in eval mode (no dropout): the numbers
+# compare across evaluations, and the train/validation gap measures memorisation. Perplexity is
+# exp(loss); accuracy, the share of next tokens the argmax predicts; bits per byte, the scored
+# targets' summed loss in bits over the UTF-8 bytes they stand for (data.target_bytes; an EOS is 0
+# bytes), which compares runs whose tokenizers differ, as loss per token cannot. Under torchrun each
+# rank scores every world-th batch and the sums are added. A mixture of experts also records its
+# load-balancing loss (unweighted, not in val_loss) and each sparse layer's expert load, the share
+# of routing slots each expert took (OUT/experts.png). Each evaluation logs the scores and a short
+# sample from the same start and seed, redraws OUT/curves.png, keeps a new best validation loss in
+# best/ and saves last/ (--save-every saves it more often).
 
 
 @torch.no_grad()
@@ -273,24 +248,6 @@ def evaluate(run: Run, split: str) -> dict:
     return scores
 
 
-def perplexity(loss: float) -> float:
-    """exp(loss), or inf past the largest float (a diverged run)."""
-    return math.exp(loss) if loss < 709 else math.inf
-
-
-def sample(model, tokenizer, n: int, device, seed: int) -> str:
-    """A short continuation of an empty document (the EOS separator), to see what the model writes.
-    Its own random generator: training's random stream is left as it was."""
-    training = model.training
-    model.eval()
-    idx = torch.tensor([[tokenizer.eos_token_id]], device=device)
-    n = min(n, model.config.max_position_embeddings - 1)  # the context the model was trained on
-    out = generate(model, idx, n, temperature=0.8, top_k=50, eos_token_id=tokenizer.eos_token_id,
-                   generator=torch.Generator(device).manual_seed(seed))
-    model.train(training)
-    return tokenizer.decode(out[0, 1:], skip_special_tokens=True)
-
-
 def evaluate_and_save(run: Run, state: RunState, write):
     """What happens between steps: at an evaluation step, score both splits, log them and keep a
     new best in best/; then save last/ at evaluations and every --save-every steps."""
@@ -304,10 +261,10 @@ def evaluate_and_save(run: Run, state: RunState, write):
             record = dict(step=step, epoch=run.batches.epochs(step * args.batch_size * args.grad_accum),
                           tokens=step * run.tokens_per_step, train_loss=train_loss, val_loss=val_loss,
                           train_bpb=run.bits_per_byte(train_loss, "train"), val_bpb=run.bits_per_byte(val_loss, "val"),
-                          val_ppl=perplexity(val_loss), val_acc=val["acc"], lr=lr, elapsed_s=state.elapsed_s,
+                          val_ppl=report.perplexity(val_loss), val_acc=val["acc"], lr=lr, elapsed_s=state.elapsed_s,
                           steps_s=state.steps_s, **{k: val[k] for k in ("aux_loss", "expert_load") if k in val})
             if args.eval_sample_tokens > 0:
-                record["sample"] = sample(run.model, run.data.tokenizer, args.eval_sample_tokens, run.device,
+                record["sample"] = report.sample(run.model, run.data.tokenizer, args.eval_sample_tokens, run.device,
                                           args.seed)
             report.log_eval(run.out, record, write)
             redraw_curves(run.out, run.model.num_params(), write)
@@ -335,21 +292,16 @@ def save_last(run: Run, state: RunState):
 
 
 # %% 4. The loop
-# One optimizer step = --grad-accum micro-batches whose losses are averaged (each is divided by
-# the count before backward, and all hold the same number of tokens), then gradient clipping,
-# then every optimizer steps with the learning rate of this step. The schedule is a pure function
-# of the step, so a resumed run goes on with it exactly: linear warmup over a fraction of the run
-# (so even a 20-step run warms up and then learns), then a cosine down to a floor at --max-steps
-# (--schedule wsd holds the peak and ends in a straight line down instead; it learned less in the
-# ten-minute CPU run). Muon's momentum climbs too, from 0.85 to its usual 0.95 over the first 30%
-# of the run (modded-nanogpt's momentum warmup): the early steps, whose gradients change fastest,
-# average over a shorter past.
-#
-# Under torchrun each rank takes one contiguous share of the step's samples and divides its losses
-# by its own micro-batch count; DDP averages the gradients over ranks once, during the last
-# backward of the step (no_sync skips the others), so every rank holds the single-process mean
-# gradient: clipping sees the global norm, and the optimizers take identical steps. Ctrl-C and
-# SIGTERM ask the loop to save last/ and stop at the end of the step (stopping.py).
+# One optimizer step: --grad-accum micro-batches of equal size, each loss divided by their count
+# before backward (so the gradients average), clipping, then every optimizer steps. The learning
+# rate is a pure function of the step, which --resume therefore continues exactly: linear warmup
+# over a fraction of the run, then a cosine down to a floor (--schedule wsd: hold the peak, then a
+# straight line down). Muon's momentum warms up too, 0.85 to 0.95 over the first 30% (modded-
+# nanogpt): the early gradients change fastest, so they average over a shorter past.
+# Under torchrun each rank takes a contiguous share of the step's samples; DDP averages gradients
+# once, in the step's last backward (no_sync skips the others), so every rank holds the
+# single-process gradient, clips the global norm and takes the same step. Ctrl-C and SIGTERM save
+# last/ and stop at the end of the step (stopping.py).
 
 
 def lr_multiplier(step: int, max_steps: int, warmup_frac: float, min_lr_frac: float,
@@ -423,7 +375,8 @@ def train(args, device: torch.device, info: dict | None, started: float) -> int:
     state = resume(run, info) if info is not None else RunState()
     if run.rank > 0:  # dropout: other ranks draw masks of their own (rank 0 keeps the checkpointed stream)
         torch.manual_seed(int(np.random.SeedSequence([args.seed, run.rank, state.step]).generate_state(1)[0]))
-    open_out_dir(run, state, resuming=info is not None)
+    if run.rank == 0:
+        open_out_dir(run.out, args.overwrite, resumed_step=state.step if info is not None else None)
     report.describe(run, state, resuming=info is not None)
 
     with (tqdm(total=args.max_steps, initial=state.step, disable=None if run.rank == 0 else True,
@@ -455,9 +408,9 @@ def train(args, device: torch.device, info: dict | None, started: float) -> int:
                             tok_s=f"{run.tokens_per_step / (time.perf_counter() - t0):,.0f}")
 
     if args.sample_tokens > 0 and run.rank == 0:
-        print(report.show_sample("sample: ", sample(run.model, run.data.tokenizer, args.sample_tokens, device, args.seed)))
+        print(report.show_sample("sample: ", report.sample(run.model, run.data.tokenizer, args.sample_tokens, device, args.seed)))
     if state.best_step is not None:
-        say(f"done: best val loss {state.best_val_loss:.4f} (ppl {perplexity(state.best_val_loss):.2f}, "
+        say(f"done: best val loss {state.best_val_loss:.4f} (ppl {report.perplexity(state.best_val_loss):.2f}, "
             f"{run.bits_per_byte(state.best_val_loss, 'val'):.3f} bits per byte) at step {state.best_step} in "
             f"{run.out / 'best'}; {run.last} is step {state.step}; {state.elapsed_s / 60:.1f} min of training")
     say(f"next: python generate.py --ckpt {shlex.quote(str(run.out))}   (an interactive prompt; --prompt TEXT "
@@ -473,10 +426,10 @@ def probe(run: Run, folder: str) -> tuple[list[float], float, float]:
     copy = setup(argparse.Namespace(**{**vars(args), "max_steps": budget.PROBE_STEPS, "out_dir": folder}),
                  run.device, None, log=quiet)
     state = RunState()
-    open_out_dir(copy, state, resuming=False)
+    open_out_dir(copy.out, overwrite=False, resumed_step=None)
     steps = [budget.seconds(train_step, copy, state) for _ in range(budget.PROBE_STEPS)]
     t_eval = budget.seconds(evaluate_and_save, copy, state, quiet)
-    t_end = (budget.seconds(sample, copy.model, copy.data.tokenizer, args.sample_tokens, run.device, args.seed)
+    t_end = (budget.seconds(report.sample, copy.model, copy.data.tokenizer, args.sample_tokens, run.device, args.seed)
              if args.sample_tokens > 0 and run.rank == 0 else 0.0)
     return steps, t_eval, t_end
 

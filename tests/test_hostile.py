@@ -32,6 +32,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from transformers import AutoTokenizer
 
+import budget
 import checkpoint
 import common
 import data
@@ -585,7 +586,7 @@ def test_a_model_too_big_for_memory_is_one_line(cache, tmp_path, monkeypatch):
         assert code == 1, err
         assert re.fullmatch(r"error: the model has 3299\.\d\dB parameters: training needs at least 4915\d\.\d GiB, cpu has "
                             r"[\d.]+ GiB free; choose a smaller model", one_error_line(err))
-    monkeypatch.setattr(train, "free_memory", lambda device: 2**30)  # the boundary: 16 bytes a parameter
+    monkeypatch.setattr(budget, "free_memory", lambda device: 2**30)  # the boundary: 16 bytes a parameter
     code, err = main(tiny(cache, tmp_path / "out2", "--hidden-size", "2048", "--intermediate-size", "8192"))
     assert code == 1 and "training needs at least" in one_error_line(err), err
     code, err = main(tiny(cache, tmp_path / "out3", "--max-steps", "1"))

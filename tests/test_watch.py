@@ -18,8 +18,8 @@ import plots
 import report
 import train
 from flags import DEVICE_DEFAULTS
-from qwen3 import PRESETS, Qwen3, from_pretrained
-from test_train import TINY, main, metrics, run
+from qwen3 import PRESETS, from_pretrained
+from test_train import main, metrics, run
 
 ROOT = Path(__file__).resolve().parent.parent
 WATCH = ["--max-steps", "8", "--eval-every", "4", "--dropout", "0.1", "--eval-sample-tokens", "8",
@@ -253,10 +253,10 @@ def test_a_sample_at_every_evaluation(watched):
     printed_at(lines, end, "sample: ", records[-1]["sample"])
     tok = data.load_tokenizer(str(watched["out"] / "last"))
     model = from_pretrained(watched["out"] / "last")
-    assert train.sample(model, tok, 8, torch.device("cpu"), seed=1337) == records[-1]["sample"]
+    assert report.sample(model, tok, 8, torch.device("cpu"), seed=1337) == records[-1]["sample"]
     for mode in (True, False):  # and it leaves the model in the mode it found it in
         model.train(mode)
-        train.sample(model, tok, 2, torch.device("cpu"), seed=0)
+        report.sample(model, tok, 2, torch.device("cpu"), seed=0)
         assert model.training == mode
 
 
