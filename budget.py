@@ -25,12 +25,12 @@ PROBE_STEPS = 4  # the first includes one-off costs (allocation, compilation): t
 
 
 def check_memory(config, device):
-    """Refuse a model whose training cannot fit the device's free memory: 16 bytes a parameter (fp32
-    weights, gradients and two AdamW moments) before any activation. Counted on the meta device,
-    where building a model allocates nothing."""
+    """Refuse a model whose training cannot fit the device's free memory: at least 12 bytes a
+    parameter (fp32 weights, gradients and one moment: Muon's; AdamW keeps two) before any
+    activation. Counted on the meta device, where building a model allocates nothing."""
     with torch.device("meta"):
         params = Qwen3(config).num_params()
-    need, free = 16 * params, free_memory(device)
+    need, free = 12 * params, free_memory(device)
     if free is not None and need > free:
         raise UserError(f"the model has {params / 1e9:.2f}B parameters: training needs at least {need / 2**30:.1f} "
                         f"GiB, {device.type} has {free / 2**30:.1f} GiB free; choose a smaller model")
