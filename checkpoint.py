@@ -38,8 +38,9 @@ from pathlib import Path
 import torch
 
 from common import UserError, one_line, publish, sha256
+from guards import CheckpointError, read_json
 from plots import read_metrics
-from qwen3 import CheckpointError, Qwen3, Qwen3Config, read_config, read_json, save_pretrained
+from qwen3 import Qwen3, Qwen3Config, read_config, save_pretrained
 
 try:
     import fcntl  # POSIX file locks

@@ -24,8 +24,9 @@ import torch.distributed
 import torch.nn as nn
 import torch.nn.functional as F
 
-from qwen3 import (NS_COEFFICIENTS, KVCache, MoE, Muon, Qwen3, can_attend, check_finite, next_token_probs, next_tokens,
-                   rope_cos_sin, sample_next_token)
+from guards import check_finite
+from qwen3 import (NS_COEFFICIENTS, KVCache, MoE, Muon, Qwen3, can_attend, next_token_probs, next_tokens, rope_cos_sin,
+                   sample_next_token)
 
 
 

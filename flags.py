@@ -16,7 +16,8 @@ import torch
 
 from common import ArgumentParser, UserError
 from data import default_cache_dir
-from qwen3 import PRESETS, CheckpointError, Qwen3Config, read_config
+from guards import CheckpointError
+from qwen3 import PRESETS, Qwen3Config, read_config
 
 # On a CPU a small model that learns something in ten minutes, on a GPU the upstream "seed"
 # configuration. On a GPU, 600 steps are ~3.5 epochs of the embedded corpus, about where a model
@@ -78,7 +79,7 @@ def checked(kind, ok, expected: str, most=None):
     return parse
 
 
-# Integers stop at 2**31 - 1: config.json's own bound on the model's sizes (qwen3.check_config),
+# Integers stop at 2**31 - 1: config.json's own bound on the model's sizes (guards.check_config),
 # and for counts of steps, tokens or documents more than any run here will reach.
 INT_MOST = 2**31 - 1
 positive_int = checked(int, lambda v: v >= 1, "a positive integer", INT_MOST)

@@ -36,7 +36,8 @@ import torch
 import interactive
 from common import ArgumentParser, UserError, error, load_tokenizer, pick_device
 from engine import Engine
-from qwen3 import CheckpointError, from_pretrained, generate, next_tokens, stream
+from guards import CheckpointError
+from qwen3 import from_pretrained, generate, next_tokens, stream
 from sampling import (RULES, Settings, check, make_generator, print_tokens, prompt_ids, read_text, utf8,
                       utf8_stdin)
 

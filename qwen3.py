@@ -15,7 +15,8 @@ Qwen3, from scratch, in one file: read it top to bottom.
 
 It is also the spec: with the same weights its logits equal transformers' Qwen3ForCausalLM and
 Qwen3MoeForCausalLM (tests/), and its module names are their state-dict keys. engine.py computes
-the same things faster, each switched on by one explicit call in the scripts.
+the same things faster, each switched on by one explicit call in the scripts; guards.py holds the
+checks that refuse bad input (a hostile config.json, a prompt past the context) in one line.
 Reference: Qwen Team, "Qwen3 Technical Report", 2025 (arXiv:2505.09388).
 """
 
@@ -27,6 +28,9 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from guards import (CheckpointError, check_attention_mask, check_config, check_decoding, check_finite, check_layers,
+                    check_shapes, read_json, read_weights)
 
 # %% 1. Configuration
 # A Qwen3 is a handful of numbers, named as transformers names them. Two surprises: `head_dim` is its
@@ -68,7 +72,7 @@ class Qwen3Config:
     pad_token_id: int | None = None
 
     def __post_init__(self):
-        check_config(self)  # every field's type and range (section 10: a config.json may hold anything)
+        check_config(self)  # guards.py: every field's type and range (a config.json may hold anything)
         if self.rope_scaling is not None:  # completed with YaRN's defaults, once (section 3)
             self.rope_scaling = yarn_parameters(self.rope_scaling, self.max_position_embeddings)
         if self.num_experts and self.layer_types is not None:  # Qwen3-MoE has no per-layer types
@@ -372,14 +376,8 @@ def load_balancing_loss(router_logits: list, top_k: int, attention_mask=None):
 
 def left_padding(attention_mask, shape) -> torch.Tensor:
     """(B, T) mask of 1 (token) and 0 (padding) for input_ids of `shape` -> (B,) padding tokens a row."""
-    if attention_mask.shape != shape:
-        raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, the tokens {tuple(shape)}")
-    if not ((attention_mask == 0) | (attention_mask == 1)).all():
-        raise ValueError("attention_mask must hold only 0 (padding) and 1 (token)")
-    real = attention_mask.bool()
-    if (real[:, :-1] & ~real[:, 1:]).any():
-        raise ValueError("attention_mask must be left padding: in each row, all 0s before all 1s")
-    return (~real).sum(dim=1)
+    check_attention_mask(attention_mask, shape)  # guards.py: 0s and 1s, 0s first
+    return (attention_mask == 0).sum(dim=1)
 
 
 class Block(nn.Module):
@@ -514,9 +512,7 @@ class KVCache:
 
 
 def top_k_filter(logits, k: int | None):
-    """Set all but the k largest logits to -inf (ties with the k-th are kept)."""
-    if k is not None and k < 0:
-        raise ValueError(f"top_k must be >= 0, got {k}")
+    """Set all but the k largest logits to -inf (ties with the k-th are kept); k 0 or None: keep all."""
     if not k or k >= logits.size(-1):
         return logits
     kth = torch.topk(logits, k, dim=-1).values[..., -1:]
@@ -527,8 +523,6 @@ def top_p_filter(logits, p: float | None):
     """Keep the fewest likeliest tokens whose probability mass reaches p (at least one)."""
     if p is None or p >= 1.0:
         return logits
-    if p <= 0.0:
-        raise ValueError(f"top_p must be in (0, 1], got {p}")
     sorted_logits, order = logits.sort(dim=-1, descending=True)
     probs = sorted_logits.float().softmax(dim=-1)
     drop = probs.cumsum(dim=-1) - probs >= p  # the strictly likelier tokens hold p already
@@ -539,8 +533,6 @@ def top_p_filter(logits, p: float | None):
 def next_token_probs(logits, temperature=1.0, top_k=None, top_p=None):
     """logits (B, vocab) -> the distribution the next token is drawn from, (B, vocab) fp32.
     Temperature 0 puts all the mass on the argmax (greedy)."""
-    if not temperature >= 0:  # refuses nan too
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
     logits = logits.float()
     if temperature == 0 or 1 / temperature > torch.finfo(torch.float32).max:  # (1 / 1e-300 is no float32)
         return F.one_hot(logits.argmax(dim=-1), logits.size(-1)).float()
@@ -563,30 +555,6 @@ def sample_next_token(logits, temperature=1.0, top_k=None, top_p=None, generator
 # computes the tokens: next_tokens below, or an engine.Engine, which computes the same tokens faster.
 
 
-def check_finite(logits):
-    """A broken model (NaN weights, an overflow) says so: else greedy decoding emits token 0, and
-    sampling fails deep inside torch.multinomial."""
-    if not torch.isfinite(logits).all():
-        raise FloatingPointError("the model produced NaN or infinite logits: its weights are broken, or overflowed")
-
-
-def check_decoding(model, idx, max_new_tokens, temperature, top_k, top_p, attention_mask):
-    """Refuse, before any work, what would fail deep inside, quietly do the wrong thing, or ask for
-    memory out of proportion (a cache for 10**9 tokens)."""
-    if not (isinstance(idx, torch.Tensor) and idx.dim() == 2 and not idx.is_floating_point()):
-        raise ValueError(f"the prompt must be token ids of shape (B, T), got {getattr(idx, 'shape', type(idx))}")
-    if idx.size(1) == 0:
-        raise ValueError("the prompt is empty: give at least one token (a BOS, say)")
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
-    if idx.size(1) + max_new_tokens > model.config.max_position_embeddings:
-        raise ValueError(f"the prompt ({idx.size(1)} tokens) and max_new_tokens ({max_new_tokens}) exceed the model's "
-                         f"context of {model.config.max_position_embeddings} tokens (max_position_embeddings)")
-    top_p_filter(top_k_filter(next_token_probs(torch.zeros(1, 1), temperature), top_k), top_p)  # their checks
-    if attention_mask is not None and not left_padding(attention_mask, idx.shape).lt(idx.size(1)).all():
-        raise ValueError("every row of attention_mask needs a token (1)")
-
-
 @torch.no_grad()
 def next_tokens(model: Qwen3, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, generator=None,
                 attention_mask=None, with_probs=False):
@@ -596,7 +564,7 @@ def next_tokens(model: Qwen3, idx, max_new_tokens, temperature=1.0, top_k=None, 
     for _ in range(max_new_tokens):
         h = model.model(x, cache, mask)[:, -1]  # (B, hidden): only the last position is continued
         logits = model.lm_head(h)  # (B, vocab)
-        check_finite(logits)
+        check_finite(logits)  # guards.py: NaN weights say so, rather than decode token 0 forever
         probs = next_token_probs(logits, temperature, top_k, top_p) if with_probs else None
         x, mask = sample_next_token(logits, temperature, top_k, top_p, generator, probs)[:, None], None  # (B, 1)
         yield x[:, 0], probs
@@ -613,7 +581,8 @@ def generate(model: Qwen3, idx, max_new_tokens, temperature=1.0, top_k=None, top
     tokens, 0 for left padding. A row that has emitted an EOS is filled after it with pad_token_id,
     else the config's, else the first EOS id (transformers' rule); all rows done, it stops early.
     Call model.eval() first."""
-    check_decoding(model, idx, max_new_tokens, temperature, top_k, top_p, attention_mask)
+    check_decoding(model.config.max_position_embeddings, idx, max_new_tokens, temperature, top_k, top_p,
+                   attention_mask)  # guards.py: what would fail deep inside, refused before any work
     eos = torch.tensor(eos_ids(eos_token_id), dtype=torch.long, device=idx.device)
     fill = pad_token_id if pad_token_id is not None else model.config.pad_token_id
     fill = fill if fill is not None else eos[:1]
@@ -633,7 +602,7 @@ def stream(model: Qwen3, idx, max_new_tokens, temperature=1.0, top_k=None, top_p
     """Like generate for one sequence (1, T), but yields each new token id as soon as it exists,
     stopping at EOS without yielding it; with_probs, (id, the distribution (vocab,) it was drawn
     from). Bad arguments raise at the call, not at the first token."""
-    check_decoding(model, idx, max_new_tokens, temperature, top_k, top_p, None)
+    check_decoding(model.config.max_position_embeddings, idx, max_new_tokens, temperature, top_k, top_p, None)
     if idx.size(0) != 1:
         raise ValueError(f"stream takes one sequence, shape (1, T), got {tuple(idx.shape)}: use generate for batches")
     eos = set(eos_ids(eos_token_id))
@@ -649,54 +618,12 @@ def stream(model: Qwen3, idx, max_new_tokens, temperature=1.0, top_k=None, top_p
 
 # %% 10. Checkpoints in Hugging Face's format
 # A checkpoint is a folder: config.json and the weights in safetensors, tensors only (no pickle:
-# loading cannot run code), in one file or in shards. The names are transformers', so nothing is
+# loading cannot run code), in model.safetensors or in shards that model.safetensors.index.json
+# names. guards.py reads them, refusing in one line what is not a checkpoint. The names are transformers', so nothing is
 # renamed (experts aside: files hold one tensor per expert): a downloaded Qwen3 runs here, and ours
 # run in transformers. config.json's wrinkles: where it is silent, transformers' defaults apply;
 # RoPE is rope_theta + rope_scaling in transformers 4 and rope_parameters in 5: we write both, and
 # read as transformers 5 does (a non-empty rope_scaling wins; a theta it lacks comes from rope_theta).
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be loaded; the message is one line naming the file."""
-
-
-def check_config(c: Qwen3Config):
-    """Every field's type and range, and how the fields fit together: a ValueError naming the first
-    that does not. A config.json can hold anything; a string where a boolean belongs must not read as
-    true, nor a NaN theta as a number."""
-    def need(names: str, ok, what: str):
-        for name in names.split():
-            if not ok(getattr(c, name)):
-                raise ValueError(f"{name} must be {what}, got {getattr(c, name)!r}")
-
-    def integer(v, lo=0):
-        return isinstance(v, int) and not isinstance(v, bool) and lo <= v < 2**31
-
-    def number(v, hi=math.inf):
-        return isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < hi
-    need("vocab_size hidden_size intermediate_size num_hidden_layers num_attention_heads num_key_value_heads "
-         "head_dim max_position_embeddings num_experts_per_tok moe_intermediate_size decoder_sparse_step",
-         lambda v: integer(v, 1), "an integer in [1, 2**31)")
-    need("num_experts max_window_layers", integer, "an integer in [0, 2**31)")
-    need("rope_theta rms_norm_eps initializer_range", lambda v: number(v) and v > 0, "a finite number > 0")
-    need("dropout", lambda v: number(v, 1.0), "a number in [0, 1)")
-    need("router_aux_loss_coef", number, "a finite number >= 0")
-    need("tie_word_embeddings attention_bias use_sliding_window norm_topk_prob output_router_logits",
-         lambda v: isinstance(v, bool), "true or false")
-    need("sliding_window", lambda v: integer(v, 1) or (v is None and not c.use_sliding_window), "a positive integer")
-    need("layer_types", lambda v: v is None or (isinstance(v, list) and len(v) == c.num_hidden_layers and set(v) <= {
-        "full_attention", "sliding_attention"}), f"null or {c.num_hidden_layers} of 'full_attention'/'sliding_attention'")
-    need("mlp_only_layers", lambda v: isinstance(v, list) and all(integer(i) for i in v), "a list of layer indices")
-    need("bos_token_id pad_token_id", lambda v: v is None or integer(v), "null or a token id")
-    need("eos_token_id", lambda v: v is None or integer(v) or (isinstance(v, list) and all(map(integer, v))),
-         "null, a token id or a list of them")
-    if c.num_attention_heads % c.num_key_value_heads or c.head_dim % 2:
-        raise ValueError(f"num_attention_heads ({c.num_attention_heads}) must be a multiple of num_key_value_heads "
-                         f"({c.num_key_value_heads}), and head_dim ({c.head_dim}) even for RoPE")
-    if c.num_experts and c.num_experts_per_tok > c.num_experts:
-        raise ValueError(f"num_experts_per_tok ({c.num_experts_per_tok}) must be at most num_experts ({c.num_experts})")
-    if c.num_experts and len({c.layer_window(i) for i in range(c.num_hidden_layers)}) > 1:
-        raise ValueError("a mixture of experts slides in every layer or in none (as transformers' Qwen3-MoE)")
 
 
 MOE_FIELDS = ("num_experts", "num_experts_per_tok", "moe_intermediate_size", "norm_topk_prob", "decoder_sparse_step",
@@ -744,7 +671,7 @@ def config_from_dict(d: dict) -> Qwen3Config:
     known = {f.name for f in fields(Qwen3Config)} - ({"max_window_layers", "layer_types"} if moe else set(MOE_FIELDS))
     d = {**d, "num_experts": d.get("num_experts", d.get("num_local_experts"))} if moe else d  # transformers 5 writes the latter
     kwargs = {**HF_DEFAULTS[model_type], **{k: v for k, v in d.items() if k in known and v is not None}}
-    if "head_dim" not in kwargs:  # Qwen3-MoE's default (a wrong type is check_config's to name)
+    if "head_dim" not in kwargs:  # Qwen3-MoE's default (a wrong type is guards.check_config's to name)
         h, n = d["hidden_size"], d["num_attention_heads"]
         kwargs["head_dim"] = h // n if isinstance(h, int) and isinstance(n, int) and n > 0 else None
     kwargs["rope_theta"] = rope.get("rope_theta", kwargs["rope_theta"])
@@ -753,17 +680,6 @@ def config_from_dict(d: dict) -> Qwen3Config:
     kwargs["dropout"] = d.get("attention_dropout", 0.0)
     kwargs.setdefault("num_key_value_heads", d["num_attention_heads"])
     return Qwen3Config(**kwargs)
-
-
-def read_json(path: Path, limit: int = 2**24):
-    """A small JSON file, refused (ValueError) if it is not a regular file of at most `limit` bytes: a
-    named pipe would block the reader forever, /dev/zero fill its memory."""
-    if not path.is_file() or path.stat().st_size > limit:
-        raise ValueError(f"not a regular file of at most {limit:,} bytes")
-    try:
-        return json.loads(path.read_text())
-    except RecursionError:  # nested thousands deep
-        raise ValueError("nested too deep") from None
 
 
 def read_config(path) -> Qwen3Config:
@@ -780,34 +696,6 @@ def hf_config(config: Qwen3Config):
     import transformers
     kind = transformers.Qwen3MoeConfig if config.num_experts else transformers.Qwen3Config
     return kind.from_dict(config_to_dict(config))
-
-
-def load_state_dict(path: Path) -> dict:
-    """Every tensor of a checkpoint folder, on the CPU, as stored: one file, or the shards of an index."""
-    from safetensors.torch import load_file
-    index = path / "model.safetensors.index.json"
-    try:
-        files = sorted(set(read_json(index)["weight_map"].values())) if index.exists() else \
-            ["model.safetensors"] if (path / "model.safetensors").exists() else None
-        if any(not isinstance(f, str) or Path(f).name != f for f in files or ()):  # no ../, no other folder
-            raise ValueError(f"its weight_map names {next(f for f in files if not isinstance(f, str) or Path(f).name != f)!r}, "
-                             f"not a file of this folder")
-    except (ValueError, KeyError, AttributeError, TypeError) as e:
-        raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from None
-    if files is None:
-        raise CheckpointError(f"{path}: no model.safetensors or model.safetensors.index.json")
-    state = {}
-    for file in files:
-        try:
-            if not (path / file).is_file():  # a named pipe would block forever
-                raise ValueError("not a regular file")
-            state.update(load_file(path / file))
-        except Exception as e:  # safetensors raises several types for truncated or garbled files
-            raise CheckpointError(f"{path / file}: unreadable safetensors file ({' '.join(str(e).split()) or type(e).__name__})") from None
-    odd = next((k for k, v in state.items() if not v.is_floating_point()), None)
-    if odd:
-        raise CheckpointError(f"{path}: {odd} holds {state[odd].dtype} values, not floating point weights")
-    return state
 
 
 def stack_experts(state: dict, config: Qwen3Config, path) -> dict:
@@ -830,27 +718,16 @@ def from_pretrained(path, dtype=None, device=None) -> Qwen3:
     path = Path(path)
     if not (path / "config.json").exists():
         raise CheckpointError(f"{path}: not a checkpoint directory (no config.json)")
-    config = read_config(path)
-    state = load_state_dict(path)
-    layers = {int(k.split(".")[2]) for k in state if k.startswith("model.layers.") and k.split(".")[2].isdigit()}
-    if layers != set(range(config.num_hidden_layers)):  # before building a model of that many layers
-        raise CheckpointError(f"{path}: config.json says {config.num_hidden_layers} layers, the weights hold "
-                              f"{len(layers)}")
+    config, state = read_config(path), read_weights(path)  # guards.py reads the files, refusing what is not one
+    check_layers(state, config.num_hidden_layers, path)  # before building a model of that many layers
     state = stack_experts(state, config, path)
     with torch.device("meta"):  # shapes only: no time spent on random weights about to be replaced
         model = Qwen3(config)
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    expected = {k: v.shape for k, v in model.state_dict().items()}
     if config.tie_word_embeddings:
         state.pop("lm_head.weight", None)  # some exporters store the tied head anyway
         del expected["lm_head.weight"]  # the embedding, tied below
-    missing = sorted(k for k in expected if state.get(k) is None)
-    unexpected = sorted(k for k in state if k not in expected)
-    if missing or unexpected:
-        what = f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}"
-        raise CheckpointError(f"{path}: weights do not match config.json ({what})")
-    for k, shape in expected.items():
-        if tuple(state[k].shape) != shape:
-            raise CheckpointError(f"{path}: {k} has shape {list(state[k].shape)}, config.json implies {list(shape)}")
+    check_shapes(state, expected, path)  # every name, no other, each of its shape: one line if not
     state = {k: v.to(device=device, dtype=dtype or v.dtype) for k, v in state.items()}  # before tying: converted once
     if config.tie_word_embeddings:
         state["lm_head.weight"] = state["model.embed_tokens.weight"]

@@ -50,8 +50,9 @@ from checkpoint import (check_out_dir, check_outside_saves, open_out_dir, own_ou
 from common import UserError, error, pick_device
 from data import Batches, TokenData, fixed_starts, prepare_data, target_bytes, token_bytes, windows
 from engine import FastMuon, FusedLoss
+from guards import CheckpointError
 from plots import redraw_curves
-from qwen3 import CheckpointError, MoE, Muon, Qwen3, configure_optimizers, from_pretrained, load_balancing_loss
+from qwen3 import MoE, Muon, Qwen3, configure_optimizers, from_pretrained, load_balancing_loss
 from ranks import all_ranks, first_on_each_machine, init_distributed, rank_and_world, same_on_every_rank, say
 from stopping import StopRequest
 

@@ -179,7 +179,7 @@ def test_bad_moe_configs_are_refused(overrides, message):
 
 
 def test_a_missing_expert_tensor_is_one_line(tmp_path):
-    from qwen3 import CheckpointError
+    from guards import CheckpointError
     hf, _ = moe_pair(tmp_path, seed=10)
     path = tmp_path / "hf10"
     with safe_open(str(path / "model.safetensors"), "pt") as f:

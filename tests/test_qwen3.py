@@ -13,9 +13,10 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers.models.qwen3.modeling_qwen3 import Qwen3RMSNorm, Qwen3RotaryEmbedding, apply_rotary_pos_emb
 
-from qwen3 import (PRESETS, CheckpointError, KVCache, Muon, Qwen3, Qwen3Config, RMSNorm, apply_rope, can_attend,
-                   config_from_dict, config_to_dict, configure_optimizers, from_pretrained, generate, hf_config,
-                   check_finite, next_token_probs, read_config, rope_cos_sin, sample_next_token, save_pretrained, stream, top_k_filter, top_p_filter,
+from guards import CheckpointError, check_finite, check_sampling
+from qwen3 import (PRESETS, KVCache, Muon, Qwen3, Qwen3Config, RMSNorm, apply_rope, can_attend, config_from_dict,
+                   config_to_dict, configure_optimizers, from_pretrained, generate, hf_config, next_token_probs,
+                   read_config, rope_cos_sin, sample_next_token, save_pretrained, stream, top_k_filter, top_p_filter,
                    zeropower_via_newtonschulz)
 
 V = 101  # vocab of the tiny test models (conftest.TINY)
@@ -761,9 +762,10 @@ def test_dropout_only_in_training(model_pair, assert_logits_close):
         assert_logits_close(no_dropout(idx)[0], want)
 
 
-def test_sampling_filters_refuse_nonsense_settings():
-    logits = torch.randn(2, 7)
-    with pytest.raises(ValueError, match="top_k"):
-        top_k_filter(logits, -1)
-    with pytest.raises(ValueError, match="top_p"):
-        top_p_filter(logits, 0.0)
+def test_sampling_settings_refuse_nonsense():
+    """The sampling settings' checks (guards.py), which generate and stream run before any work."""
+    for settings, match in [((-1.0, None, None), "temperature"), ((float("nan"), None, None), "temperature"),
+                            ((1.0, -1, None), "top_k"), ((1.0, None, 0.0), "top_p"), ((1.0, None, float("nan")), "top_p")]:
+        with pytest.raises(ValueError, match=match):
+            check_sampling(*settings)
+    check_sampling(0.0, 0, 1.0)  # greedy, top-k off, all the mass: nothing to refuse

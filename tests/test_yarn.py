@@ -14,8 +14,9 @@ import transformers
 from transformers.models.qwen3.modeling_qwen3 import Qwen3RotaryEmbedding
 
 from conftest import randomize_
-from qwen3 import (CheckpointError, KVCache, Qwen3, Qwen3Config, config_from_dict, config_to_dict, from_pretrained,
-                   generate, rope_cos_sin, save_pretrained, yarn_parameters)
+from guards import CheckpointError
+from qwen3 import (KVCache, Qwen3, Qwen3Config, config_from_dict, config_to_dict, from_pretrained, generate,
+                   rope_cos_sin, save_pretrained, yarn_parameters)
 
 ROOT = Path(__file__).resolve().parent.parent
 V = 101  # conftest.TINY's vocabulary
