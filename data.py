@@ -373,6 +373,16 @@ def target_bytes(tokens: np.ndarray, starts: np.ndarray, seq_len: int, tok, tabl
     return sum(len(tok.decode(t, skip_special_tokens=True).encode()) for t in targets)
 
 
+def split_bytes(data: "TokenData", starts: dict, seq_len: int, log=print) -> dict:
+    """{split: the UTF-8 bytes its windows' targets stand for} for starts {split: starts}: bits per
+    byte's denominators."""
+    table = token_bytes(data.tokenizer)
+    if table is None:
+        log(f"bits per byte: {type(data.tokenizer).__name__} is not a byte-level BPE; counting the bytes of "
+            f"each evaluation window's decoded targets instead (exact except where a window cuts a character)")
+    return {split: target_bytes(getattr(data, split), s, seq_len, data.tokenizer, table) for split, s in starts.items()}
+
+
 # %% 4. Token files
 # Each split is tokenised once, in batches, into one flat file of token ids with EOS after every
 # document, and read back as a numpy memmap: no per-step tokenisation, no RAM spent on the

@@ -16,10 +16,9 @@ Read it top to bottom:
                       sample, OUT/curves.png; best/, last/
     4. The loop       warmup + cosine schedule, gradient accumulation, clipping, bf16 on CUDA; Ctrl-C
                       and SIGTERM save last/ at the end of the step
-The rest is in modules named for what they do: data.py (where the tokens come from, in which
-order they are read), checkpoint.py (how a checkpoint survives a crash; one run per out-dir),
-flags.py, report.py (what a run prints and logs, its samples), plots.py (its pictures), budget.py
-(what fits: the model in memory, --time-budget's steps), ranks.py (torchrun's processes) and stopping.py (Ctrl-C and SIGTERM).
+The rest is in modules named for what they do: flags.py, data.py (where the tokens come from, in
+which order), checkpoint.py (saves that survive a crash; one run per out-dir), report.py (what a run
+prints and logs), plots.py, budget.py (what fits: memory, --time-budget), ranks.py (torchrun), stopping.py.
 
 Under torchrun the same loop runs in every process (a "rank") with DistributedDataParallel: the
 flags fix the global batch, each rank trains on its share of it, the gradients are averaged, and
@@ -48,7 +47,7 @@ import report
 from checkpoint import (check_out_dir, check_outside_saves, open_out_dir, own_out_dir, read_training_info,
                         release_out_dirs, restore_training_state, save_checkpoint, training_state)
 from common import UserError, error, pick_device
-from data import Batches, TokenData, fixed_starts, prepare_data, target_bytes, token_bytes, windows
+from data import Batches, TokenData, fixed_starts, prepare_data, split_bytes, windows
 from engine import FastMuon, FusedLoss
 from guards import CheckpointError
 from plots import redraw_curves
@@ -86,9 +85,8 @@ def parse_args(argv=None):
 # A run is made of fixed parts, set up once per session from the flags (the data, the model, its
 # optimizers, how each rank shares a step), and of a small state that changes as it trains (the
 # step, the best score, the time spent). last/ holds both: the flags and the state in
-# training_state.json, the optimizer moments and RNG streams in training_state.pt (see
-# checkpoint.py for how it is written safely), so --resume rebuilds the fixed parts from the flags
-# and puts the state back, and the run continues as if it had never stopped.
+# training_state.json, the optimizer moments and RNG streams in training_state.pt, so --resume
+# rebuilds the fixed parts, puts the state back, and the run goes on as if it had never stopped.
 
 
 @dataclass
@@ -160,12 +158,7 @@ def setup(args, device: torch.device, info: dict | None, log=say) -> Run:
         say("warning: the data differ from the checkpoint's; resuming on the new data", file=sys.stderr)
     eval_starts = {split: fixed_starts(getattr(data, split), args.seq_len, args.eval_batches * args.batch_size)
                    for split in ("train", "val")}
-    table = token_bytes(data.tokenizer)
-    if table is None:
-        log(f"bits per byte: {type(data.tokenizer).__name__} is not a byte-level BPE; counting the bytes of "
-            f"each evaluation window's decoded targets instead (exact except where a window cuts a character)")
-    eval_bytes = {split: target_bytes(getattr(data, split), starts, args.seq_len, data.tokenizer, table)
-                  for split, starts in eval_starts.items()}
+    eval_bytes = split_bytes(data, eval_starts, args.seq_len, log)
 
     config = flags.model_config(args, data.tokenizer)
     budget.check_memory(config, device)  # a model too big is one line, not the allocator's traceback
@@ -183,7 +176,7 @@ def setup(args, device: torch.device, info: dict | None, log=say) -> Run:
                                       muon=FastMuon)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    fused_loss = FusedLoss(model)  # the loss without the logits (engine.py)
+    fused_loss = FusedLoss(model)  # the loss without the logits (engine.py), compiled with --compile
     fused_loss = torch.compile(fused_loss) if args.compile else fused_loss
     # Training passes go through DDP, which averages gradients across ranks in backward (and first
     # copies rank 0's weights to all); evaluation runs the model itself, no gradients to sync.
@@ -210,13 +203,12 @@ def resume(run: Run, info: dict) -> RunState:
 # Both splits are scored on the same fixed windows each time, in eval mode (no dropout): the numbers
 # compare across evaluations, and the train/validation gap measures memorisation. Perplexity is
 # exp(loss); accuracy, the share of next tokens the argmax predicts; bits per byte, the scored
-# targets' summed loss in bits over the UTF-8 bytes they stand for (data.target_bytes; an EOS is 0
-# bytes), which compares runs whose tokenizers differ, as loss per token cannot. Under torchrun each
-# rank scores every world-th batch and the sums are added. A mixture of experts also records its
-# load-balancing loss (unweighted, not in val_loss) and each sparse layer's expert load, the share
-# of routing slots each expert took (OUT/experts.png). Each evaluation logs the scores and a short
-# sample from the same start and seed, redraws OUT/curves.png, keeps a new best validation loss in
-# best/ and saves last/ (--save-every saves it more often).
+# targets' summed loss in bits over the UTF-8 bytes they stand for (data.split_bytes), which compares
+# runs whose tokenizers differ, as loss per token cannot. Under torchrun each rank scores every
+# world-th batch and the sums are added. A mixture of experts also records its load-balancing loss
+# (unweighted, not in val_loss) and the share of routing slots each expert took (OUT/experts.png).
+# Each evaluation logs the scores and a sample from the same start and seed, redraws curves.png,
+# keeps a new best validation loss in best/ and saves last/ (--save-every saves it more often).
 
 
 @torch.no_grad()
@@ -266,7 +258,7 @@ def evaluate_and_save(run: Run, state: RunState, write):
                           steps_s=state.steps_s, **{k: val[k] for k in ("aux_loss", "expert_load") if k in val})
             if args.eval_sample_tokens > 0:
                 record["sample"] = report.sample(run.model, run.data.tokenizer, args.eval_sample_tokens, run.device,
-                                          args.seed)
+                                                 args.seed)
             report.log_eval(run.out, record, write)
             redraw_curves(run.out, run.model.num_params(), write)
         if step > 0 and math.isfinite(val_loss) and (state.best_val_loss is None or val_loss < state.best_val_loss):
@@ -284,11 +276,10 @@ def save_last(run: Run, state: RunState):
         args = run.args
         info = dict(step=state.step, max_steps=args.max_steps,
                     samples_seen=state.step * args.batch_size * args.grad_accum, best_val_loss=state.best_val_loss,
-                    best_step=state.best_step, elapsed_s=state.elapsed_s, steps_s=state.steps_s,
-                    data_key=run.data.key,
+                    best_step=state.best_step, elapsed_s=state.elapsed_s, steps_s=state.steps_s, data_key=run.data.key,
                     args={k: v for k, v in vars(args).items() if k not in flags.SESSION_FLAGS})
-        save_checkpoint(run.out, "last", run.model, run.data.tokenizer, training_state(run.optimizers, run.device),
-                        info)
+        state_pt = training_state(run.optimizers, run.device)
+        save_checkpoint(run.out, "last", run.model, run.data.tokenizer, state_pt, info)
     state.saved_at = state.step
 
 

@@ -8,6 +8,7 @@ import math
 import re
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -104,6 +105,10 @@ def test_a_tokenizer_that_is_not_byte_level_is_counted_by_decoding():
     assert data.token_bytes(tok) is None
     tokens = np.array([0, 1, 2, 3, 0, 2, 3, 1, 0])  # two windows: targets 1 2 3 0 and 2 3 1 0
     assert data.target_bytes(tokens, np.array([0, 4]), 4, tok, None) == len("the cat sat") + len("cat sat the")
+    logs, held = [], SimpleNamespace(tokenizer=tok, train=tokens, val=tokens[::-1].copy())  # val: 0 1 3 2 0 3 2 1 0
+    assert data.split_bytes(held, dict(train=np.array([0, 4]), val=np.array([1])), 4, logs.append) == dict(
+        train=len("the cat sat") + len("cat sat the"), val=len("sat cat sat"))  # val's targets: 3 2 0 3
+    assert len(logs) == 1 and "not a byte-level BPE" in logs[0]  # and the run says how bytes are counted
 
 
 @pytest.mark.parametrize("split", ["train", "val"])
