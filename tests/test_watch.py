@@ -389,12 +389,12 @@ def test_a_mixture_of_experts_trains_and_shows_its_routing(cache, tmp_path):
     """Issue #22: --preset cpu-moe trains; each evaluation records the load-balancing loss and every
     sparse layer's expert load, and OUT/experts.png is drawn. The final record against transformers'
     Qwen3MoeForCausalLM, loaded from last/ and run on the same validation windows: the share of routing
-    slots each expert took, and its load_balancing_loss_func."""
+    slots each expert took, and its load_balancing_loss_func; --router-aux-loss-coef in its config."""
     from transformers import AutoModelForCausalLM
     from transformers.models.qwen3_moe.modeling_qwen3_moe import load_balancing_loss_func
     out = tmp_path / "moe"
     assert run(cache, out, "--preset", "cpu-moe", "--num-experts", "4", "--moe-intermediate-size", "16",
-               "--max-steps", "6", "--eval-every", "3") == 0
+               "--router-aux-loss-coef", "0.25", "--max-steps", "6", "--eval-every", "3") == 0
     records = metrics(out)
     assert [sorted(r["expert_load"]) for r in records] == [["0", "1"]] * 3  # both of TINY's layers are sparse
     assert (out / "experts.png").stat().st_size > 0
@@ -403,7 +403,7 @@ def test_a_mixture_of_experts_trains_and_shows_its_routing(cache, tmp_path):
     val = np.fromfile(cache / f"tokens-{info['data_key']}" / "val.bin", dtype=meta["dtype"]).astype(np.int64)
     windows = torch.from_numpy(np.stack([val[s:s + 32] for s in data.fixed_starts(val, 32, 8)]))  # 2 batches x 4
     hf = AutoModelForCausalLM.from_pretrained(out / "last", attn_implementation="eager").eval()
-    assert type(hf).__name__ == "Qwen3MoeForCausalLM"
+    assert type(hf).__name__ == "Qwen3MoeForCausalLM" and hf.config.router_aux_loss_coef == 0.25
     with torch.no_grad():
         routers = [hf(w, output_router_logits=True).router_logits for w in windows.split(4)]  # per batch, per layer
     for layer in range(2):
@@ -412,3 +412,13 @@ def test_a_mixture_of_experts_trains_and_shows_its_routing(cache, tmp_path):
         assert records[-1]["expert_load"][str(layer)] == pytest.approx(want.tolist(), abs=1e-6)
     aux = [load_balancing_loss_func(r, 4, 2).item() for r in routers]  # the mean over the windows' batches
     assert records[-1]["aux_loss"] == pytest.approx(sum(aux) / len(aux), rel=1e-5)
+
+
+def test_the_moe_benchmark_tells_a_lopsided_layer_from_a_lopsided_pool(monkeypatch):
+    """benchmarks/moe.py's routing column: two layers, each sending everything to its own expert, are
+    as lopsided as can be per layer (E times the fair share) and even when pooled."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import moe
+    assert moe.busiest({"0": [1.0, 0.0], "1": [0.0, 1.0]}) == (2.0, 1.0)
+    assert moe.busiest({"0": [0.5, 0.25, 0.25]}) == (1.5, 1.5)
+    assert moe.busiest(None) == (None, None)  # a dense run
