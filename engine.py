@@ -12,7 +12,7 @@ the model computes, only how, and tests/ hold each path to the chapter's.
                          split across ranks under torch.distributed
 
 Each is switched on by one explicit call: `FusedLoss(model)` in train.py, `Engine(model)` given to
-qwen3.generate / qwen3.stream as their `decoder` in generate.py, `configure_optimizers(..., muon=FastMuon)`.
+qwen3.generate / sampling.stream as their `decoder` in generate.py, `configure_optimizers(..., muon=FastMuon)`.
 Measurements behind the choices made here are in benchmarks/README.md.
 """
 
@@ -434,7 +434,7 @@ def decode_step(model: Qwen3, w: DecodeWeights, token, gen: Generation, fixed: b
 
 
 class Engine:
-    """Generation for one model, faster: give it as the decoder to qwen3.generate or qwen3.stream,
+    """Generation for one model, faster: give it as the decoder to qwen3.generate or sampling.stream,
     `generate(model, idx, n, decoder=Engine(model))`, for the chapter's tokens. It reads the weights
     when it first needs them (a packed copy, or views): after changing them, make a new engine.
     mode: "auto" (a CUDA graph on CUDA, else "filled", or "fixed" to compile), "filled" (the step over the cache's filled

@@ -13,7 +13,7 @@ The real Qwen3-0.6B: `hf download Qwen/Qwen3-0.6B --local-dir Qwen3-0.6B` (the C
 which transformers brings), then `python generate.py --ckpt Qwen3-0.6B --chat`.
 
 For one prompt, main() loads the checkpoint, encodes the prompt, keeps what fits the context, and
-qwen3.stream yields the new tokens (one pass over the prompt fills the KV cache, each later step
+sampling.stream yields the new tokens (one pass over the prompt fills the KV cache, each later step
 feeds only the newest token), each printed as soon as it is text. They come from engine.Engine,
 made once after loading, which computes qwen3.py's tokens faster; --no-engine sends them through
 qwen3.next_tokens instead, the loop in qwen3.py's Sampling section.
@@ -37,8 +37,8 @@ import interactive
 from common import ArgumentParser, UserError, error, load_tokenizer, pick_device
 from engine import Engine
 from guards import CheckpointError
-from qwen3 import from_pretrained, generate, next_tokens, stream
-from sampling import (RULES, Settings, check, make_generator, print_tokens, prompt_ids, read_text, utf8,
+from qwen3 import from_pretrained, generate, next_tokens
+from sampling import (RULES, Settings, check, make_generator, print_tokens, prompt_ids, read_text, stream, utf8,
                       utf8_stdin)
 
 HF_DOWNLOAD = "hf download Qwen/Qwen3-0.6B --local-dir"  # the real Qwen3-0.6B, into a folder

@@ -2,7 +2,7 @@
 The interactive prompt that `python generate.py` opens without --prompt: type a prompt and its
 continuation streams after it (with --chat, the model's reply; the conversation is kept). Lines
 starting with / change the settings or look inside: /tokens shows how the last prompt was split,
-/probs what the model weighed at each step. Each generation goes through qwen3.stream, as in
+/probs what the model weighed at each step. Each generation goes through sampling.stream, as in
 generate.py's one-shot path.
 """
 import sys
@@ -10,8 +10,8 @@ import sys
 import torch
 
 from common import UserError, error
-from qwen3 import MoE, stream
-from sampling import check, make_generator, print_tokens, prompt_ids, read_text, token_piece, utf8
+from qwen3 import MoE
+from sampling import check, make_generator, print_tokens, prompt_ids, read_text, stream, token_piece, utf8
 
 HELP = """\
 Type a prompt and press Enter; the continuation streams as it is generated. Lines starting with / are commands:

@@ -597,33 +597,15 @@ def generate(model: Qwen3, idx, max_new_tokens, temperature=1.0, top_k=None, top
     return torch.cat(out, dim=1)
 
 
-def stream(model: Qwen3, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, eos_token_id=None,
-           generator=None, with_probs=False, decoder=next_tokens):
-    """Like generate for one sequence (1, T), but yields each new token id as soon as it exists,
-    stopping at EOS without yielding it; with_probs, (id, the distribution (vocab,) it was drawn
-    from). Bad arguments raise at the call, not at the first token."""
-    check_decoding(model.config.max_position_embeddings, idx, max_new_tokens, temperature, top_k, top_p, None)
-    if idx.size(0) != 1:
-        raise ValueError(f"stream takes one sequence, shape (1, T), got {tuple(idx.shape)}: use generate for batches")
-    eos = set(eos_ids(eos_token_id))
-
-    def tokens():
-        for token, probs in decoder(model, idx, max_new_tokens, temperature, top_k, top_p, generator, None,
-                                    with_probs):
-            if token.item() in eos:
-                return
-            yield (token.item(), probs[0]) if with_probs else token.item()
-    return tokens()
-
-
 # %% 10. Checkpoints in Hugging Face's format
 # A checkpoint is a folder: config.json and the weights in safetensors, tensors only (no pickle:
 # loading cannot run code), in model.safetensors or in shards that model.safetensors.index.json
-# names. guards.py reads them, refusing in one line what is not a checkpoint. The names are transformers', so nothing is
-# renamed (experts aside: files hold one tensor per expert): a downloaded Qwen3 runs here, and ours
-# run in transformers. config.json's wrinkles: where it is silent, transformers' defaults apply;
-# RoPE is rope_theta + rope_scaling in transformers 4 and rope_parameters in 5: we write both, and
-# read as transformers 5 does (a non-empty rope_scaling wins; a theta it lacks comes from rope_theta).
+# names (guards.py reads them, refusing what is not a checkpoint in one line). The names are
+# transformers', so nothing is renamed (experts aside: files hold one tensor per expert): a
+# downloaded Qwen3 runs here, and ours run in transformers. config.json's wrinkles: where it is
+# silent, transformers' defaults apply; RoPE is rope_theta + rope_scaling in transformers 4 and
+# rope_parameters in 5: we write both, and read as transformers 5 does (a non-empty rope_scaling
+# wins; a theta it lacks comes from rope_theta).
 
 
 MOE_FIELDS = ("num_experts", "num_experts_per_tok", "moe_intermediate_size", "norm_topk_prob", "decoder_sparse_step",

@@ -2,7 +2,8 @@
 What generate.py and its interactive prompt (interactive.py) share: the sampling settings and their
 ranges, text as it comes in, a prompt as the token ids the model gets, and new tokens printed as
 text as soon as they are text (with, on request, the distribution each was drawn from). How a token
-is drawn is qwen3.py's (its Sampling section); this file only feeds it and prints what comes out.
+is drawn is qwen3.py's (its Sampling section); this file feeds it, streams its tokens one at a time
+(stream) and prints what comes out.
 """
 import io
 import math
@@ -20,6 +21,8 @@ from tokenizers import decoders
 
 from common import UserError, one_line, split_text
 from data import byte_level_alphabet
+from guards import check_decoding
+from qwen3 import eos_ids, next_tokens
 
 # -----------------------------------------------------------------------------
 # settings: generate.py's flags, which the interactive prompt's /commands change
@@ -255,7 +258,26 @@ def prompt_ids(tokenizer, prompt, settings, context, chat=False, show_prompt=Fal
 
 
 # -----------------------------------------------------------------------------
-# new tokens as text
+# new tokens, one at a time, as text
+
+
+def stream(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, eos_token_id=None,
+           generator=None, with_probs=False, decoder=next_tokens):
+    """Like qwen3.generate for one sequence (1, T), but yields each new token id as soon as it exists,
+    stopping at EOS without yielding it; with_probs, (id, the distribution (vocab,) it was drawn
+    from). Bad arguments raise at the call, not at the first token."""
+    check_decoding(model.config.max_position_embeddings, idx, max_new_tokens, temperature, top_k, top_p, None)
+    if idx.size(0) != 1:
+        raise ValueError(f"stream takes one sequence, shape (1, T), got {tuple(idx.shape)}: use generate for batches")
+    eos = set(eos_ids(eos_token_id))
+
+    def tokens():
+        for token, probs in decoder(model, idx, max_new_tokens, temperature, top_k, top_p, generator, None,
+                                    with_probs):
+            if token.item() in eos:
+                return
+            yield (token.item(), probs[0]) if with_probs else token.item()
+    return tokens()
 
 
 class TextStream:
@@ -335,7 +357,7 @@ class Continuation(NamedTuple):
 
 
 def print_tokens(tokens, tokenizer, ids, echo, probs, out=None):
-    """Print the new tokens that qwen3.stream yields as text as soon as they are text, after the
+    """Print the new tokens that stream yields as text as soon as they are text, after the
     prompt ids' own text if echo. probs: the tokens come as (id, distribution) and each gets a line
     (probs_line), while the text waits for the end so that the two never interleave. Ctrl-C stops
     it early."""

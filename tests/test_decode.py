@@ -11,7 +11,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from engine import Engine, Generation, StaticKVCache, decode_step, project, should_pack
-from qwen3 import KVCache, Qwen3, Qwen3Config, generate, left_padding, stream
+from qwen3 import KVCache, Qwen3, Qwen3Config, generate, left_padding
+from sampling import stream
 
 V = 101  # vocab of the tiny test models (conftest.TINY)
 PAD = 0  # the padding id we write; what stands in padded slots must not matter (see left_pad)

@@ -241,7 +241,7 @@ def test_samples_stay_in_the_allowed_support(top_k, top_p, temperature, ckpt, hf
     transformers' logits (temperature first, then top-k, then top-p, as transformers orders them)."""
     model = from_pretrained(ckpt, dtype=torch.float32)
     ids = tok.encode(PROMPT)
-    tokens = qwen3.stream(model, torch.tensor([ids]), CONTEXT - len(ids), temperature=temperature, top_k=top_k,
+    tokens = sampling.stream(model, torch.tensor([ids]), CONTEXT - len(ids), temperature=temperature, top_k=top_k,
                           top_p=top_p, generator=torch.Generator().manual_seed(0), decoder=engine.Engine(model))
     new = sampling.print_tokens(tokens, tok, ids, echo=False, probs=False, out=io.StringIO()).new_ids
     assert len(new) == CONTEXT - len(ids)

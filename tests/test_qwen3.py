@@ -16,8 +16,9 @@ from transformers.models.qwen3.modeling_qwen3 import Qwen3RMSNorm, Qwen3RotaryEm
 from guards import CheckpointError, check_finite, check_sampling
 from qwen3 import (PRESETS, KVCache, Muon, Qwen3, Qwen3Config, RMSNorm, apply_rope, can_attend, config_from_dict,
                    config_to_dict, configure_optimizers, from_pretrained, generate, hf_config, next_token_probs,
-                   read_config, rope_cos_sin, sample_next_token, save_pretrained, stream, top_k_filter, top_p_filter,
+                   read_config, rope_cos_sin, sample_next_token, save_pretrained, top_k_filter, top_p_filter,
                    zeropower_via_newtonschulz)
+from sampling import stream
 
 V = 101  # vocab of the tiny test models (conftest.TINY)
 NEG_INF = float("-inf")
