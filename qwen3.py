@@ -15,8 +15,7 @@ Qwen3, from scratch, in one file: read it top to bottom.
 
 It is also the spec: with the same weights its logits equal transformers' Qwen3ForCausalLM and
 Qwen3MoeForCausalLM (tests/), and its module names are their state-dict keys. engine.py computes
-the same things faster, each switched on by one explicit call in the scripts; guards.py holds the
-checks that refuse bad input (a hostile config.json, a prompt past the context) in one line.
+the same things faster, each switched on by one explicit call in the scripts.
 Reference: Qwen Team, "Qwen3 Technical Report", 2025 (arXiv:2505.09388).
 """
 
@@ -29,8 +28,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from guards import (CheckpointError, check_attention_mask, check_config, check_decoding, check_finite, check_layers,
-                    check_shapes, read_json, read_weights)
+import guards  # what a user or a file can get wrong (a hostile config.json, a prompt past the context), refused
 
 # %% 1. Configuration
 # A Qwen3 is a handful of numbers, named as transformers names them. Two surprises: `head_dim` is its
@@ -72,7 +70,7 @@ class Qwen3Config:
     pad_token_id: int | None = None
 
     def __post_init__(self):
-        check_config(self)  # guards.py: every field's type and range (a config.json may hold anything)
+        guards.check_config(self)  # every field's type and range: a config.json may hold anything
         if self.rope_scaling is not None:  # completed with YaRN's defaults, once (section 3)
             self.rope_scaling = yarn_parameters(self.rope_scaling, self.max_position_embeddings)
         if self.num_experts and self.layer_types is not None:  # Qwen3-MoE has no per-layer types
@@ -376,7 +374,7 @@ def load_balancing_loss(router_logits: list, top_k: int, attention_mask=None):
 
 def left_padding(attention_mask, shape) -> torch.Tensor:
     """(B, T) mask of 1 (token) and 0 (padding) for input_ids of `shape` -> (B,) padding tokens a row."""
-    check_attention_mask(attention_mask, shape)  # guards.py: 0s and 1s, 0s first
+    guards.check_attention_mask(attention_mask, shape)  # 0s and 1s, 0s first
     return (attention_mask == 0).sum(dim=1)
 
 
@@ -564,7 +562,7 @@ def next_tokens(model: Qwen3, idx, max_new_tokens, temperature=1.0, top_k=None, 
     for _ in range(max_new_tokens):
         h = model.model(x, cache, mask)[:, -1]  # (B, hidden): only the last position is continued
         logits = model.lm_head(h)  # (B, vocab)
-        check_finite(logits)  # guards.py: NaN weights say so, rather than decode token 0 forever
+        guards.check_finite(logits)  # NaN weights say so, rather than decode token 0 forever
         probs = next_token_probs(logits, temperature, top_k, top_p) if with_probs else None
         x, mask = sample_next_token(logits, temperature, top_k, top_p, generator, probs)[:, None], None  # (B, 1)
         yield x[:, 0], probs
@@ -581,8 +579,8 @@ def generate(model: Qwen3, idx, max_new_tokens, temperature=1.0, top_k=None, top
     tokens, 0 for left padding. A row that has emitted an EOS is filled after it with pad_token_id,
     else the config's, else the first EOS id (transformers' rule); all rows done, it stops early.
     Call model.eval() first."""
-    check_decoding(model.config.max_position_embeddings, idx, max_new_tokens, temperature, top_k, top_p,
-                   attention_mask)  # guards.py: what would fail deep inside, refused before any work
+    guards.check_decoding(model.config.max_position_embeddings, idx, max_new_tokens, temperature, top_k, top_p,
+                   attention_mask)  # what would fail deep inside, refused before any work
     eos = torch.tensor(eos_ids(eos_token_id), dtype=torch.long, device=idx.device)
     fill = pad_token_id if pad_token_id is not None else model.config.pad_token_id
     fill = fill if fill is not None else eos[:1]
@@ -668,9 +666,9 @@ def read_config(path) -> Qwen3Config:
     """A checkpoint's config.json (the file, or its folder); CheckpointError if unusable."""
     path = Path(path) / "config.json" if Path(path).is_dir() else Path(path)
     try:
-        return config_from_dict(read_json(path))
+        return config_from_dict(guards.read_json(path))
     except (ValueError, TypeError, OSError) as e:  # JSONDecodeError is a ValueError
-        raise CheckpointError(f"{path}: {' '.join(str(e).split())}") from None
+        raise guards.CheckpointError(f"{path}: {' '.join(str(e).split())}") from None
 
 
 def hf_config(config: Qwen3Config):
@@ -688,9 +686,9 @@ def stack_experts(state: dict, config: Qwen3Config, path) -> dict:
             keys = [f"model.layers.{i}.mlp.experts.{e}.{proj}.weight" for e in range(config.num_experts)]
             absent = [k for k in keys if k not in state]
             if absent:
-                raise CheckpointError(f"{path}: weights do not match config.json (missing {absent[:3]})")
+                raise guards.CheckpointError(f"{path}: weights do not match config.json (missing {absent[:3]})")
             if len({state[k].shape for k in keys}) > 1:
-                raise CheckpointError(f"{path}: the experts' {proj} of layer {i} differ in shape")
+                raise guards.CheckpointError(f"{path}: the experts' {proj} of layer {i} differ in shape")
             state[f"model.layers.{i}.mlp.experts.{proj}"] = torch.stack([state.pop(k) for k in keys])
     return state
 
@@ -699,9 +697,9 @@ def from_pretrained(path, dtype=None, device=None) -> Qwen3:
     """A transformers Qwen3 checkpoint folder as our model, in eval mode. dtype None: as stored."""
     path = Path(path)
     if not (path / "config.json").exists():
-        raise CheckpointError(f"{path}: not a checkpoint directory (no config.json)")
-    config, state = read_config(path), read_weights(path)  # guards.py reads the files, refusing what is not one
-    check_layers(state, config.num_hidden_layers, path)  # before building a model of that many layers
+        raise guards.CheckpointError(f"{path}: not a checkpoint directory (no config.json)")
+    config, state = read_config(path), guards.read_weights(path)  # every tensor, refusing what is not a checkpoint
+    guards.check_layers(state, config.num_hidden_layers, path)  # before building a model of that many layers
     state = stack_experts(state, config, path)
     with torch.device("meta"):  # shapes only: no time spent on random weights about to be replaced
         model = Qwen3(config)
@@ -709,7 +707,7 @@ def from_pretrained(path, dtype=None, device=None) -> Qwen3:
     if config.tie_word_embeddings:
         state.pop("lm_head.weight", None)  # some exporters store the tied head anyway
         del expected["lm_head.weight"]  # the embedding, tied below
-    check_shapes(state, expected, path)  # every name, no other, each of its shape: one line if not
+    guards.check_shapes(state, expected, path)  # every name, no other, each of its shape: one line if not
     state = {k: v.to(device=device, dtype=dtype or v.dtype) for k, v in state.items()}  # before tying: converted once
     if config.tie_word_embeddings:
         state["lm_head.weight"] = state["model.embed_tokens.weight"]
