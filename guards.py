@@ -83,9 +83,9 @@ def read_weights(path: Path) -> dict:
     try:
         files = sorted(set(read_json(index)["weight_map"].values())) if index.exists() else \
             ["model.safetensors"] if (path / "model.safetensors").exists() else None
-        if any(not isinstance(f, str) or Path(f).name != f for f in files or ()):  # no ../, no other folder
-            raise ValueError(f"its weight_map names {next(f for f in files if not isinstance(f, str) or Path(f).name != f)!r}, "
-                             f"not a file of this folder")
+        elsewhere = [f for f in files or () if not isinstance(f, str) or Path(f).name != f]  # ../x, /etc/x, 3
+        if elsewhere:
+            raise ValueError(f"its weight_map names {elsewhere[0]!r}, not a file of this folder")
     except (ValueError, KeyError, AttributeError, TypeError) as e:
         raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from None
     if files is None:
@@ -97,7 +97,8 @@ def read_weights(path: Path) -> dict:
                 raise ValueError("not a regular file")
             state.update(load_file(path / file))
         except Exception as e:  # safetensors raises several types for truncated or garbled files
-            raise CheckpointError(f"{path / file}: unreadable safetensors file ({' '.join(str(e).split()) or type(e).__name__})") from None
+            why = " ".join(str(e).split()) or type(e).__name__
+            raise CheckpointError(f"{path / file}: unreadable safetensors file ({why})") from None
     odd = next((k for k, v in state.items() if not v.is_floating_point()), None)
     if odd:
         raise CheckpointError(f"{path}: {odd} holds {state[odd].dtype} values, not floating point weights")
