@@ -139,7 +139,10 @@ def build_parser() -> ArgumentParser:
     g.add_argument("--tie-word-embeddings", action=argparse.BooleanOptionalAction, default=None,
                    help="share the embedding and output matrices (default: the preset's)")
     g.add_argument("--router-aux-loss-coef", type=non_negative, default=None, help="weight of a mixture of "
-                   "experts' load-balancing loss in the training loss (default: the preset's, 0.001 as Qwen3-MoE)")
+                   "experts' load-balancing loss in the training loss (default: the preset's; Qwen3-MoE's 0.001)")
+    g.add_argument("--router-aux-loss-per-layer", action=argparse.BooleanOptionalAction, default=None,
+                   help="balance each sparse layer's experts on its own, rather than all layers' counts together as "
+                   "transformers does (default: the preset's; on in cpu-moe)")
     g.add_argument("--dropout", type=below_one, default=None, help="dropout on attention and residual branches "
                    + on_each_device("dropout"))
     g.add_argument("--zero-init-output", action="store_true", help="start o_proj and down_proj at zero, so every "
@@ -285,8 +288,8 @@ def model_config(args: argparse.Namespace, tokenizer=None) -> Qwen3Config:
     `tokenizer`, its vocabulary and special tokens."""
     overrides = {k: getattr(args, k) for k in SHAPE_FLAGS if getattr(args, k) is not None}
     overrides.update(dropout=args.dropout, max_position_embeddings=args.seq_len)  # the context it is trained on
-    if args.router_aux_loss_coef is not None:
-        overrides["router_aux_loss_coef"] = args.router_aux_loss_coef
+    overrides.update({k: getattr(args, k) for k in ("router_aux_loss_coef", "router_aux_loss_per_layer")
+                      if getattr(args, k) is not None})
     if tokenizer is not None:  # the vocabulary is the tokenizer's, whatever the preset says
         overrides.update(vocab_size=len(tokenizer), eos_token_id=tokenizer.eos_token_id,
                          pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id)

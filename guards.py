@@ -43,7 +43,8 @@ def check_config(c):
     need("rope_theta rms_norm_eps initializer_range", lambda v: number(v) and v > 0, "a finite number > 0")
     need("dropout", lambda v: number(v, 1.0), "a number in [0, 1)")
     need("router_aux_loss_coef", number, "a finite number >= 0")
-    need("tie_word_embeddings attention_bias use_sliding_window norm_topk_prob output_router_logits",
+    need("tie_word_embeddings attention_bias use_sliding_window norm_topk_prob output_router_logits "
+         "router_aux_loss_per_layer",
          lambda v: isinstance(v, bool), "true or false")
     need("sliding_window", lambda v: integer(v, 1) or (v is None and not c.use_sliding_window), "a positive integer")
     need("layer_types", lambda v: v is None or (isinstance(v, list) and len(v) == c.num_hidden_layers and set(v) <= {

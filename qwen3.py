@@ -65,6 +65,7 @@ class Qwen3Config:
     mlp_only_layers: list[int] = field(default_factory=list)  # ... and i is not listed here
     router_aux_loss_coef: float = 0.001  # the weight of the load-balancing loss ...
     output_router_logits: bool = False  # ... added to the loss when this is on (transformers' name)
+    router_aux_loss_per_layer: bool = False  # balance each layer, not all together (section 6; ours)
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
     pad_token_id: int | None = None
@@ -114,8 +115,10 @@ PRESETS = {
                           moe_intermediate_size=768, norm_topk_prob=True, bos_token_id=151643, eos_token_id=151645),
 }
 # cpu with each MLP as 8 experts of half its width, 2 a token: as many active parameters, 4x the MLPs'.
+# Each layer balanced on its own, at the Switch Transformer's weight (README, "Mixture of experts").
 PRESETS["cpu-moe"] = dict(PRESETS["cpu"], num_experts=8, num_experts_per_tok=2, moe_intermediate_size=192,
-                          norm_topk_prob=True, output_router_logits=True)
+                          norm_topk_prob=True, output_router_logits=True, router_aux_loss_coef=0.01,
+                          router_aux_loss_per_layer=True)
 
 # %% 2. RMSNorm
 # Zhang & Sennrich 2019: LayerNorm without the mean. Scale each vector to unit root-mean-square,
@@ -298,9 +301,11 @@ class MLP(nn.Module):
 # expert; softmax in fp32, the k likeliest kept, their probabilities (renormalised with
 # norm_topk_prob) weighting the chosen experts' outputs. No shared expert (Qwen2-MoE had one).
 # Left alone, a router sends most tokens to the experts that learned first, which then learn
-# fastest. The Switch Transformer's load-balancing loss (Fedus et al. 2021) pushes back: over all
-# sparse layers' tokens, E sum_e f_e P_e, f_e the share of routing slots expert e took, P_e its mean
-# router probability (uniform routing scores k). engine.moe_forward groups the tokens by expert.
+# fastest. The Switch Transformer's load-balancing loss (Fedus et al. 2021) pushes back: E sum_e
+# f_e P_e, f_e the share of routing slots expert e took, P_e its mean router probability (uniform
+# routing scores k). transformers counts the slots of all sparse layers together, as if expert e of
+# each layer were one expert, so one layer's favourite can hide another's neglect; the paper adds
+# a loss per layer (router_aux_loss_per_layer). engine.moe_forward groups the tokens by expert.
 
 
 class Experts(nn.Module):
@@ -351,9 +356,12 @@ class MoE(nn.Module):
         return y.view_as(x)
 
 
-def load_balancing_loss(router_logits: list, top_k: int, attention_mask=None):
-    """The Switch Transformer's auxiliary loss over the router logits (N, E) of every sparse layer;
+def load_balancing_loss(router_logits: list, top_k: int, attention_mask=None, per_layer: bool = False):
+    """The Switch Transformer's auxiliary loss over the router logits (N, E) of every sparse layer,
+    counted over all of them together (transformers'), or per_layer, each layer's, averaged;
     attention_mask (B, T) leaves padding out."""
+    if per_layer:
+        return torch.stack([load_balancing_loss([r], top_k, attention_mask) for r in router_logits]).mean()
     logits = torch.cat(router_logits)  # (layers * N, E)
     keep = torch.ones(len(logits), device=logits.device) if attention_mask is None else \
         attention_mask.flatten().float().repeat(len(router_logits))
@@ -464,7 +472,9 @@ class Qwen3(nn.Module):
         routers = [layer.mlp.router_logits for layer in self.model.layers if isinstance(layer.mlp, MoE)]
         if not (routers and self.config.output_router_logits):
             return 0.0
-        return self.config.router_aux_loss_coef * load_balancing_loss(routers, self.config.num_experts_per_tok, attention_mask)
+        c = self.config
+        return c.router_aux_loss_coef * load_balancing_loss(routers, c.num_experts_per_tok, attention_mask,
+                                                            c.router_aux_loss_per_layer)
 
     def num_params(self, active: bool = False) -> int:
         """Parameters, a tied matrix once; active: of each sparse layer's experts, only the k a token uses."""
@@ -607,7 +617,7 @@ def generate(model: Qwen3, idx, max_new_tokens, temperature=1.0, top_k=None, top
 
 
 MOE_FIELDS = ("num_experts", "num_experts_per_tok", "moe_intermediate_size", "norm_topk_prob", "decoder_sparse_step",
-              "mlp_only_layers", "router_aux_loss_coef", "output_router_logits")
+              "mlp_only_layers", "router_aux_loss_coef", "output_router_logits", "router_aux_loss_per_layer")
 HF_DEFAULTS = {  # transformers' defaults for what a config.json leaves out
     "qwen3": dict(head_dim=128, rope_theta=10_000.0, max_position_embeddings=32768, tie_word_embeddings=False),
     "qwen3_moe": dict(rope_theta=10_000.0, max_position_embeddings=32768, tie_word_embeddings=False, num_experts=128,

@@ -215,10 +215,10 @@ def resume(run: Run, info: dict) -> RunState:
 def evaluate(run: Run, split: str) -> dict:
     """The model on `split`'s fixed windows, in eval mode: {"loss", "acc"}, and for a mixture of
     experts {"aux_loss", "expert_load": {layer: [share of each expert]}}."""
-    starts, n, k = run.eval_starts[split], run.args.batch_size, run.model.config.num_experts_per_tok
+    starts, n, config = run.eval_starts[split], run.args.batch_size, run.model.config
     sparse = [(i, layer.mlp) for i, layer in enumerate(run.model.model.layers) if isinstance(layer.mlp, MoE)]
     sums = torch.zeros(4, dtype=torch.float64, device=run.device)  # loss, correct guesses, aux loss, tokens
-    load = torch.zeros(len(sparse), run.model.config.num_experts, dtype=torch.float64, device=run.device)
+    load = torch.zeros(len(sparse), config.num_experts, dtype=torch.float64, device=run.device)
     run.model.eval()
     for i in range(run.rank * n, len(starts), run.world * n):
         x, y = windows(getattr(run.data, split), starts[i:i + n], run.args.seq_len)
@@ -227,7 +227,9 @@ def evaluate(run: Run, split: str) -> dict:
             logits, _ = run.model(x)
         loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), y.flatten())  # the model's alone
         routers = [moe.router_logits for _, moe in sparse]
-        aux = load_balancing_loss(routers, k).double() if sparse else torch.zeros((), device=run.device)
+        aux = torch.zeros((), dtype=torch.float64, device=run.device)
+        if sparse:  # unweighted, as this run balances: all layers' counts together, or each layer's
+            aux = load_balancing_loss(routers, config.num_experts_per_tok, None, config.router_aux_loss_per_layer).double()
         sums += torch.stack([loss.double(), (logits.argmax(-1) == y).double().mean(), aux, torch.ones_like(aux)]) * y.numel()
         for j, (_, moe) in enumerate(sparse):  # routing slots each expert took
             load[j] += torch.bincount(moe.choose(routers[j])[1].flatten(), minlength=load.size(1))

@@ -2,6 +2,7 @@
 transformers' Qwen3MoeForCausalLM: logits, the loss with its load-balancing term, greedy tokens
 through the cache, checkpoints both ways; the engine's fast forms against the chapter's loop;
 Muon on stacks of experts against torch.optim.Muon on each expert; bad configs. fp32, CPU."""
+import dataclasses
 import json
 
 import pytest
@@ -66,8 +67,31 @@ def test_load_balancing_loss_matches_transformers_with_padding():
     for m in (None, mask):
         want = load_balancing_loss_func(tuple(logits), 6, 2, m)
         torch.testing.assert_close(load_balancing_loss(logits, 2, m), want, rtol=1e-6, atol=0)
+        each = torch.stack([load_balancing_loss_func((r,), 6, 2, m) for r in logits]).mean()  # a layer at a time
+        torch.testing.assert_close(load_balancing_loss(logits, 2, m, per_layer=True), each, rtol=1e-6, atol=0)
+        assert abs(each - want) > 1e-3  # the two ways of counting differ on these logits
     balanced = torch.zeros(4, 4)  # every expert equally likely, ties broken evenly by topk: the loss is k
     assert load_balancing_loss([balanced], 1).item() == pytest.approx(1.0)
+
+
+def test_each_layer_balanced_on_its_own_when_asked(tmp_path):
+    """router_aux_loss_per_layer: the loss adds coef x the mean over sparse layers of transformers'
+    loss on that layer alone, and config.json carries the choice, to us and to transformers."""
+    hf, pooled = moe_pair(tmp_path, **CONFIGS["aux_loss"])
+    ours = Qwen3(dataclasses.replace(pooled.config, router_aux_loss_per_layer=True))
+    ours.load_state_dict(pooled.state_dict())
+    idx = rand_ids((2, 24), seed=3)
+    targets = torch.roll(idx, -1, 1)
+    targets[:, -1] = -100
+    with torch.no_grad():
+        want = hf(idx, labels=idx)  # cross-entropy + 0.3 x the loss over all layers together
+        _, loss = ours.eval()(idx, targets)
+    each = torch.stack([load_balancing_loss_func((r,), 6, 2) for r in want.router_logits]).mean()
+    assert abs(loss.item() - (want.loss.item() - 0.3 * want.aux_loss.item() + 0.3 * each.item())) <= 1e-6
+    assert abs(each - want.aux_loss) > 1e-4  # a test that could tell the two apart
+    save_pretrained(ours, tmp_path / "ours")
+    assert from_pretrained(tmp_path / "ours").config.router_aux_loss_per_layer is True
+    assert transformers.AutoConfig.from_pretrained(tmp_path / "ours").router_aux_loss_per_layer is True
 
 
 @pytest.mark.parametrize("name", ["plain", "mlp_only_layers", "sliding_tied"])

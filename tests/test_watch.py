@@ -389,7 +389,8 @@ def test_a_mixture_of_experts_trains_and_shows_its_routing(cache, tmp_path):
     """Issue #22: --preset cpu-moe trains; each evaluation records the load-balancing loss and every
     sparse layer's expert load, and OUT/experts.png is drawn. The final record against transformers'
     Qwen3MoeForCausalLM, loaded from last/ and run on the same validation windows: the share of routing
-    slots each expert took, and its load_balancing_loss_func; --router-aux-loss-coef in its config."""
+    slots each expert took, and its load_balancing_loss_func a layer at a time (cpu-moe balances each
+    layer); --router-aux-loss-coef and the per-layer choice in its config."""
     from transformers import AutoModelForCausalLM
     from transformers.models.qwen3_moe.modeling_qwen3_moe import load_balancing_loss_func
     out = tmp_path / "moe"
@@ -404,14 +405,15 @@ def test_a_mixture_of_experts_trains_and_shows_its_routing(cache, tmp_path):
     windows = torch.from_numpy(np.stack([val[s:s + 32] for s in data.fixed_starts(val, 32, 8)]))  # 2 batches x 4
     hf = AutoModelForCausalLM.from_pretrained(out / "last", attn_implementation="eager").eval()
     assert type(hf).__name__ == "Qwen3MoeForCausalLM" and hf.config.router_aux_loss_coef == 0.25
+    assert hf.config.router_aux_loss_per_layer is True
     with torch.no_grad():
         routers = [hf(w, output_router_logits=True).router_logits for w in windows.split(4)]  # per batch, per layer
     for layer in range(2):
         chosen = torch.cat([r[layer] for r in routers]).softmax(-1).topk(2).indices
         want = torch.bincount(chosen.flatten(), minlength=4) / chosen.numel()
         assert records[-1]["expert_load"][str(layer)] == pytest.approx(want.tolist(), abs=1e-6)
-    aux = [load_balancing_loss_func(r, 4, 2).item() for r in routers]  # the mean over the windows' batches
-    assert records[-1]["aux_loss"] == pytest.approx(sum(aux) / len(aux), rel=1e-5)
+    aux = [sum(load_balancing_loss_func((layer,), 4, 2).item() for layer in r) / len(r) for r in routers]
+    assert records[-1]["aux_loss"] == pytest.approx(sum(aux) / len(aux), rel=1e-5)  # the mean over the batches
 
 
 def test_the_moe_benchmark_tells_a_lopsided_layer_from_a_lopsided_pool(monkeypatch):
