@@ -4,10 +4,10 @@ preset against `--preset cpu-moe` (each MLP as 8 experts of half its width, 2 a 
 active parameters), at equal steps (the same tokens), and at equal time: the mixture gets the steps
 that cost what the dense run's 650 did, from the two training steps timed in turns in one process
 (a ratio the machine's other load leaves alone, unlike two wall clocks hours apart). Then the
-mixture at equal steps with stronger load-balancing weights (--router-aux-loss-coef), and where
-each run's routing ends: the busiest expert's share of a layer's routing slots, against the fair
-share 1/E, per layer and pooled over the layers (the loss, as transformers defines it, balances
-the pooled count).
+mixture at equal steps balanced other ways (--variants): as Qwen3-MoE is, all layers' routing
+counted together at weight 0.001, or at 0.01, and each layer on its own at 0.1; and where each
+run's routing ends: the busiest expert's share of a layer's routing slots, against the fair share
+1/E, in the most lopsided layer and pooled over the layers.
 
     python benchmarks/moe.py                        # ~45 minutes on the 2-core CPU; run it alone
     python benchmarks/moe.py --max-steps 6 --eval-every 3 --repeats 2 --work-dir /tmp/moe --out /tmp/moe/moe
@@ -31,7 +31,9 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--max-steps", type=int, default=None, help="the dense run's steps (default: train.py's)")
     p.add_argument("--eval-every", type=int, default=None, help="evaluate every N steps (default: train.py's)")
-    p.add_argument("--aux-coefs", default="0.01,0.1", help="load-balancing weights to try besides the preset's")
+    p.add_argument("--variants", default="--no-router-aux-loss-per-layer --router-aux-loss-coef 0.001; "
+                   "--no-router-aux-loss-per-layer --router-aux-loss-coef 0.01; --router-aux-loss-coef 0.1",
+                   help="train.py flags of each further cpu-moe run at equal steps, separated by ';'")
     p.add_argument("--repeats", type=int, default=10, help="rounds of the interleaved step timing (median kept)")
     p.add_argument("--work-dir", default=str(ROOT / "out-moe"), help="the runs' out-dirs go here")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "moe-cpu"), help="prefix of .json and .md")
@@ -80,9 +82,9 @@ def main(argv=None):
     runs = {"dense (cpu)": ("dense", ["--max-steps", str(steps)]),
             "MoE (cpu-moe), equal steps": ("moe-steps", ["--preset", "cpu-moe", "--max-steps", str(steps)]),
             "MoE (cpu-moe), equal time": ("moe-time", ["--preset", "cpu-moe", "--max-steps", str(equal_time)])}
-    for coef in filter(None, args.aux_coefs.split(",")):
-        runs[f"MoE (cpu-moe), equal steps, --router-aux-loss-coef {coef}"] = (
-            f"aux-{coef}", ["--preset", "cpu-moe", "--max-steps", str(steps), "--router-aux-loss-coef", coef])
+    for variant in filter(None, (v.split() for v in args.variants.split(";"))):
+        runs[f"MoE (cpu-moe), equal steps, {' '.join(variant)}"] = (
+            "moe" + "".join(variant).replace("--", "-"), ["--preset", "cpu-moe", "--max-steps", str(steps), *variant])
     curves = {name: train_run(Path(args.work_dir) / folder, common + flags, "cpu") for name, (folder, flags) in runs.items()}
     rows = []
     for name, curve in curves.items():

@@ -51,11 +51,13 @@ def parse_args(argv=None):
 def next_command(out: Path, flags: list[str], device: str) -> list[str] | None:
     """train.py's arguments for what is left of the run in `out`: all of it, the rest, or None.
     A run counts as the same only if it had the same flags *and* train.py's defaults they left
-    alone were the same (a new default shape or step count makes every old run stale)."""
+    alone were the same (a new default shape or step count, or a change to the preset the run
+    trains, makes every old run stale)."""
     from flags import DEVICE_DEFAULTS
     from qwen3 import PRESETS
     defaults = DEVICE_DEFAULTS["cpu" if device == "cpu" else "gpu"]
-    stamp = dict(flags=flags, defaults=defaults, preset=PRESETS[defaults["preset"]])
+    preset = flags[flags.index("--preset") + 1] if "--preset" in flags else defaults["preset"]
+    stamp = dict(flags=flags, defaults=defaults, preset=PRESETS[preset])
     info_path, marker = out / "last" / "training_state.json", out / "benchmark-flags.json"
     info = json.loads(info_path.read_text()) if info_path.is_file() else None
     if info is None or not marker.is_file() or json.loads(marker.read_text()) != json.loads(json.dumps(stamp)):
