@@ -89,6 +89,8 @@ def test_each_layer_balanced_on_its_own_when_asked(tmp_path):
     each = torch.stack([load_balancing_loss_func((r,), 6, 2) for r in want.router_logits]).mean()
     assert abs(loss.item() - (want.loss.item() - 0.3 * want.aux_loss.item() + 0.3 * each.item())) <= 1e-6
     assert abs(each - want.aux_loss) > 1e-4  # a test that could tell the two apart
+    with torch.no_grad():
+        assert abs(FusedLoss(ours)(idx, targets).item() - loss.item()) <= 1e-6  # the loss train.py trains on
     save_pretrained(ours, tmp_path / "ours")
     assert from_pretrained(tmp_path / "ours").config.router_aux_loss_per_layer is True
     assert transformers.AutoConfig.from_pretrained(tmp_path / "ours").router_aux_loss_per_layer is True
