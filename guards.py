@@ -159,8 +159,8 @@ def check_decoding(max_position_embeddings: int, idx, max_new_tokens, temperatur
 
 
 def check_sampling(temperature, top_k, top_p):
-    """next_token_probs' settings: a negative temperature would invert the distribution, top_p 0 keep
-    nothing; NaN is refused too. top_k and top_p may be None (off)."""
+    """next_token_probs' settings: a negative temperature would invert the distribution, a top_p of 0
+    asks for no probability mass at all; NaN is refused too. top_k and top_p may be None (off)."""
     if not temperature >= 0:
         raise ValueError(f"temperature must be >= 0, got {temperature}")
     if top_k is not None and not top_k >= 0:
