@@ -468,13 +468,17 @@ class Qwen3(nn.Module):
         return logits, loss
 
     def aux_loss(self, attention_mask=None):
-        """The load-balancing loss of the last forward pass, times its weight (0 for a dense model)."""
+        """The load-balancing loss of the last forward pass, times its weight, when it is on (else 0)."""
+        balance = self.balance_loss(attention_mask)
+        on = balance is not None and self.config.output_router_logits
+        return self.config.router_aux_loss_coef * balance if on else 0.0
+
+    def balance_loss(self, attention_mask=None):
+        """The last forward pass's load-balancing loss, unweighted, counted as the config says; None if dense."""
         routers = [layer.mlp.router_logits for layer in self.model.layers if isinstance(layer.mlp, MoE)]
-        if not (routers and self.config.output_router_logits):
-            return 0.0
         c = self.config
-        return c.router_aux_loss_coef * load_balancing_loss(routers, c.num_experts_per_tok, attention_mask,
-                                                            c.router_aux_loss_per_layer)
+        return load_balancing_loss(routers, c.num_experts_per_tok, attention_mask, c.router_aux_loss_per_layer) \
+            if routers else None
 
     def num_params(self, active: bool = False) -> int:
         """Parameters, a tied matrix once; active: of each sparse layer's experts, only the k a token uses."""

@@ -51,7 +51,7 @@ from data import Batches, TokenData, fixed_starts, prepare_data, split_bytes, wi
 from engine import FastMuon, FusedLoss
 from guards import CheckpointError
 from plots import redraw_curves
-from qwen3 import MoE, Muon, Qwen3, configure_optimizers, from_pretrained, load_balancing_loss
+from qwen3 import MoE, Muon, Qwen3, configure_optimizers, from_pretrained
 from ranks import all_ranks, first_on_each_machine, init_distributed, rank_and_world, same_on_every_rank, say
 from stopping import StopRequest
 
@@ -215,10 +215,10 @@ def resume(run: Run, info: dict) -> RunState:
 def evaluate(run: Run, split: str) -> dict:
     """The model on `split`'s fixed windows, in eval mode: {"loss", "acc"}, and for a mixture of
     experts {"aux_loss", "expert_load": {layer: [share of each expert]}}."""
-    starts, n, config = run.eval_starts[split], run.args.batch_size, run.model.config
+    starts, n = run.eval_starts[split], run.args.batch_size
     sparse = [(i, layer.mlp) for i, layer in enumerate(run.model.model.layers) if isinstance(layer.mlp, MoE)]
     sums = torch.zeros(4, dtype=torch.float64, device=run.device)  # loss, correct guesses, aux loss, tokens
-    load = torch.zeros(len(sparse), config.num_experts, dtype=torch.float64, device=run.device)
+    load = torch.zeros(len(sparse), run.model.config.num_experts, dtype=torch.float64, device=run.device)
     run.model.eval()
     for i in range(run.rank * n, len(starts), run.world * n):
         x, y = windows(getattr(run.data, split), starts[i:i + n], run.args.seq_len)
@@ -227,9 +227,7 @@ def evaluate(run: Run, split: str) -> dict:
             logits, _ = run.model(x)
         loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), y.flatten())  # the model's alone
         routers = [moe.router_logits for _, moe in sparse]
-        aux = torch.zeros((), dtype=torch.float64, device=run.device)
-        if sparse:  # unweighted, as this run balances: all layers' counts together, or each layer's
-            aux = load_balancing_loss(routers, config.num_experts_per_tok, None, config.router_aux_loss_per_layer).double()
+        aux = run.model.balance_loss().double() if sparse else torch.zeros((), dtype=torch.float64, device=run.device)
         sums += torch.stack([loss.double(), (logits.argmax(-1) == y).double().mean(), aux, torch.ones_like(aux)]) * y.numel()
         for j, (_, moe) in enumerate(sparse):  # routing slots each expert took
             load[j] += torch.bincount(moe.choose(routers[j])[1].flatten(), minlength=load.size(1))
