@@ -18,7 +18,8 @@ is left of --minutes is skipped):
                  with the bound: weight bytes per step over the measured copy bandwidth
     default-run  `python train.py` (the GPU defaults) with Muon, and with --optimizer adamw
     train        a training step (AdamW, bf16 autocast) of the seed config, eager and compiled, and of
-                 Qwen3-0.6B's shape (B=4, T=2048), with MFU, peak memory and CUDA kernels per step
+                 Qwen3-0.6B's shape (B=4, T=2048), with MFU, peak memory and CUDA kernels per step,
+                 and after how many steps compiling pays for its first step
 """
 import argparse
 import json
@@ -140,7 +141,7 @@ CORRECTNESS_CONFIGS = {  # GQA with a narrow head; MHA with sliding windows; MQA
 
 
 def correctness(args, device):
-    out = {}
+    out = RESULTS["correctness"] = {}  # filled as it goes: a failure keeps what came before
     base = dict(vocab_size=1000, hidden_size=96, intermediate_size=192, num_hidden_layers=3, max_position_embeddings=512)
     idx = torch.randint(0, 1000, (2, 64), device=device)
     for name, kw in CORRECTNESS_CONFIGS.items():
@@ -190,7 +191,7 @@ def prompt1(cfg, device):
 
 def decode(args, device):
     """generate.py's way (bf16 weights on CUDA, the engine) against transformers' generate."""
-    rows, n = {}, 8 if args.quick else 64
+    rows, n = RESULTS.setdefault("decode", {}), 8 if args.quick else 64
     copy_bw = RESULTS.get("peaks", {}).get("copy_gb_per_s")
     shapes = {"seed": Qwen3Config.preset("seed", max_position_embeddings=512)}
     if not args.quick:
@@ -249,8 +250,9 @@ def decode(args, device):
     return rows
 
 
-def train_rows(args, device, cfg, B, T, compile_too):
-    """AdamW steps of ours (engine.FusedLoss, as train.py) and transformers', eager and compiled."""
+def train_rows(args, device, cfg, B, T, compile_too, out):
+    """AdamW steps of ours (engine.FusedLoss, as train.py) and transformers', eager and compiled,
+    into the dict out."""
     ours, theirs = pair(cfg, device, random=False)
     ours.train(), theirs.train()
     x = torch.randint(0, cfg.vocab_size, (B, T), device=device)
@@ -259,21 +261,21 @@ def train_rows(args, device, cfg, B, T, compile_too):
     amp = argparse.Namespace(device=str(device))
     flops = bench.train_flops_per_token(cfg, T) * B * T
     peak = RESULTS.get("peaks", {}).get("matmul_tflops")
-    out = {}
     for mode in ("eager", "compiled") if compile_too else ("eager",):
         fns = [FusedLoss(ours), lambda a, b: theirs(input_ids=a, labels=a).loss]
         if mode == "compiled":
             fns = [torch.compile(f) for f in fns]
         steps = [bench.train_step_fn(f, o, x, y, amp) for f, o in zip(fns, opts)]
-        t0 = time.perf_counter()
+        first = []
         for s in steps:  # the first call compiles
+            t0 = time.perf_counter()
             s()
-        sync(device)
-        first = time.perf_counter() - t0
+            sync(device)
+            first.append(time.perf_counter() - t0)
         t_ours, t_theirs = median_time(steps, device, args.repeats)
         row = dict(tokens_per_s_ours=B * T / t_ours, tokens_per_s_transformers=B * T / t_theirs,
                    ratio=t_theirs / t_ours, step_ms_ours=1000 * t_ours, step_ms_transformers=1000 * t_theirs,
-                   first_steps_s=first)
+                   first_step_s_ours=first[0], first_step_s_transformers=first[1])
         if peak:
             row["mfu_ours"], row["mfu_transformers"] = (flops / t / (peak * 1e12) for t in (t_ours, t_theirs))
         if device.type == "cuda":
@@ -285,27 +287,39 @@ def train_rows(args, device, cfg, B, T, compile_too):
                 row["kernels_ours"], row["kernels_transformers"] = (kernels_per_call(s, device) for s in steps)
         out[mode] = row
         print(f"  train {mode}: {row}", flush=True)
-    return out
+    if "compiled" in out:
+        out["compile_pays_after_steps"] = {side: pays_after(out["eager"], out["compiled"], side)
+                                           for side in ("ours", "transformers")}
+
+
+def pays_after(eager: dict, compiled: dict, side: str) -> float | None:
+    """How many steps a run takes before compiling has paid for itself: what the compiled first
+    step costs beyond the eager one, over what each compiled step saves (None: it saves nothing)."""
+    saved_s = (eager[f"step_ms_{side}"] - compiled[f"step_ms_{side}"]) / 1000
+    extra_s = compiled[f"first_step_s_{side}"] - eager[f"first_step_s_{side}"]
+    return max(0.0, extra_s) / saved_s if saved_s > 0 else None
 
 
 def train(args, device):
+    out = RESULTS["train"] = {}  # filled row by row: a failure keeps the rows before it
     if args.quick:
         cfg = Qwen3Config(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                           num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=64)
-        return {"tiny": train_rows(args, device, cfg, 2, 64, compile_too=False)}
-    out = {"seed, B=24, T=512": train_rows(args, device, Qwen3Config.preset("seed", max_position_embeddings=512), 24, 512,
-                                           compile_too=left() > 100)}
+        train_rows(args, device, cfg, 2, 64, compile_too=False, out=out.setdefault("tiny", {}))
+        return out
+    train_rows(args, device, Qwen3Config.preset("seed", max_position_embeddings=512), 24, 512,
+               compile_too=left() > 100, out=out.setdefault("seed, B=24, T=512", {}))
     torch.cuda.empty_cache()
     if left() > 40:  # compiling Qwen3-0.6B's shape, both sides, takes minutes
-        out["qwen3-0.6b, B=4, T=2048"] = train_rows(args, device, Qwen3Config.preset("qwen3-0.6b"), 4, 2048,
-                                                    compile_too=left() > 180)
+        train_rows(args, device, Qwen3Config.preset("qwen3-0.6b"), 4, 2048, compile_too=left() > 180,
+                   out=out.setdefault("qwen3-0.6b, B=4, T=2048", {}))
     return out
 
 
 def default_run(args, device):
     """python train.py with the device's defaults, Muon and AdamW: best val bpb, time per step,
     where Muon first reaches AdamW's final validation loss."""
-    out_dir, runs, work = Path(args.out), {}, Path(tempfile.mkdtemp(prefix="gpu-runs-"))
+    out_dir, runs, work = Path(args.out), RESULTS.setdefault("default-run", {}), Path(tempfile.mkdtemp(prefix="gpu-runs-"))
     quick = ["--max-steps", "20", "--eval-every", "10", "--preset", "cpu", "--seq-len", "64", "--batch-size", "4",
              "--vocab-size", "512", "--eval-batches", "1"] if args.quick else []
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -371,10 +385,14 @@ def summary(res):
             lines.append(f"decode {name:<22} ours {r['tokens_per_s_ours']:>8,.0f} tok/s{bound}")
     for shape, modes in res.get("train", {}).items():
         for mode, r in (modes.items() if isinstance(modes, dict) else ()):
-            if isinstance(r, dict):
+            if isinstance(r, dict) and "ratio" in r:
                 mfu = f", MFU {100 * r['mfu_ours']:.1f}% vs {100 * r['mfu_transformers']:.1f}%" if "mfu_ours" in r else ""
                 lines.append(f"train {shape} {mode:<8} ours {r['tokens_per_s_ours']:>10,.0f} tok/s  transformers "
                              f"{r['tokens_per_s_transformers']:>10,.0f}  {r['ratio']:5.2f}x{mfu}")
+        pays = modes.get("compile_pays_after_steps") if isinstance(modes, dict) else None
+        if pays:
+            lines.append(f"train {shape}: compiling pays after " + ", ".join(
+                f"{'never' if n is None else f'{n:,.0f} steps'} ({side})" for side, n in pays.items()))
     runs = res.get("default-run", {})
     for name in ("muon", "adamw"):
         if isinstance(runs.get(name), dict):
@@ -411,13 +429,16 @@ def main():
         t0 = time.perf_counter()
         try:
             RESULTS[name] = fn(args, device)
-        except Exception as e:  # one section's failure is recorded; the next goes on
-            RESULTS[name] = {"error": f"{type(e).__name__}: {' '.join(str(e).split())[:300]}",
-                             "traceback": traceback.format_exc()[-3000:]}
+        except Exception as e:  # one section's failure is recorded beside what it measured; the next goes on
+            RESULTS.setdefault(name, {}).update(error=f"{type(e).__name__}: {' '.join(str(e).split())[:300]}",
+                                                traceback=traceback.format_exc()[-3000:])
             print(RESULTS[name]["traceback"], file=sys.stderr, flush=True)
         RESULTS.setdefault("section_seconds", {})[name] = time.perf_counter() - t0
         Path(args.out, "gpu.json").write_text(json.dumps(RESULTS, indent=2, default=str) + "\n")
-    print("\n" + summary(RESULTS))
+    try:
+        print("\n" + summary(RESULTS))
+    except Exception as e:  # the numbers are safe in gpu.json whatever the table makes of them
+        print(f"\nno summary ({type(e).__name__}: {e}); the results are in {Path(args.out, 'gpu.json')}")
 
 
 if __name__ == "__main__":

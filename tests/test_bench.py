@@ -54,3 +54,42 @@ def test_bench_refuses_too_few_decode_tokens():
     out = subprocess.run([sys.executable, str(ROOT / "bench.py"), "--decode-tokens", "1"], capture_output=True,
                          text=True, timeout=60, cwd=ROOT)
     assert out.returncode == 2 and "at least 2" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_gpu_script_runs_every_section_at_tiny_shapes(tmp_path):
+    """benchmarks/gpu.py is run on a GPU once, with no second try to spare: --quick runs every
+    section on this CPU, and each records its numbers, not an error."""
+    out = run("benchmarks/gpu.py", "--quick", "--repeats", "1", "--out", str(tmp_path))
+    res = json.loads((tmp_path / "gpu.json").read_text())
+    for section in ("peaks", "correctness", "decode", "default-run", "train"):
+        assert "error" not in res[section] and "skipped" not in res[section], res[section]
+    for name, checks in res["correctness"].items():
+        assert all(v for k, v in checks.items() if k.startswith(("greedy", "padded", "sampled"))), (name, checks)
+        assert checks["fp32_logits_rel_err"] < 1e-5
+    assert {"tiny, batch 1", "tiny, batch 8"} <= set(res["decode"])
+    assert res["train"]["tiny"]["eager"]["step_ms_ours"] > 0
+    assert {p.name for p in tmp_path.iterdir()} >= {"curves-muon.png", "curves-adamw.png", "metrics-muon.jsonl",
+                                                    "run-adamw.log"}
+    assert "default run muon:" in out and "train tiny eager" in out
+
+
+def test_gpu_summary_reads_partial_results_and_the_compile_break_even(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import gpu
+    eager = dict(step_ms_ours=30.0, step_ms_transformers=20.0, first_step_s_ours=0.5, first_step_s_transformers=0.5)
+    compiled = dict(step_ms_ours=10.0, step_ms_transformers=25.0, first_step_s_ours=40.5, first_step_s_transformers=60)
+    assert gpu.pays_after(eager, compiled, "ours") == 2000  # 40 s more at first, 20 ms less a step
+    assert gpu.pays_after(eager, compiled, "transformers") is None  # compiled is slower: it never pays
+    row = dict(tokens_per_s_ours=1000.0, tokens_per_s_transformers=500.0, ratio=2.0)
+    res = dict(device="GPU", torch="2", transformers="5", date="today", peaks={"error": "RuntimeError: x"},
+               decode={"seed, batch 1": {**row, "engine_mode": "graph"}, "error": "ValueError: y", "traceback": "..."},
+               train={"seed": {"eager": {**row, **eager}, "compiled": {**row, **compiled},
+                               "compile_pays_after_steps": {"ours": 2000.0, "transformers": None}},
+                      "error": "OutOfMemoryError: z"},
+               **{"default-run": {"skipped": "skipped: 10 s left of the budget"}})
+    text = gpu.summary(res)
+    assert "decode seed, batch 1" in text and "2.00x" in text
+    assert "train seed eager" in text and "train seed compiled" in text
+    assert "compiling pays after 2,000 steps (ours), never (transformers)" in text
+    assert "peaks: RuntimeError: x" in text and "decode: ValueError: y" in text and "train: OutOfMemoryError: z" in text
+    assert "default-run: skipped: 10 s left" in text
