@@ -209,7 +209,8 @@ def build_parser() -> ArgumentParser:
     g.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda or mps")
     g.add_argument("--dtype", default="auto", help="autocast dtype: auto (bfloat16 on CUDA, else float32), "
                    "float32 or bfloat16")
-    g.add_argument("--compile", action="store_true", help="torch.compile the model (faster on GPUs, slow start)")
+    g.add_argument("--compile", action="store_true", help="torch.compile the training loss: a slow first step, "
+                   "then faster ones (on a GPU it pays in long runs: README, On a GPU)")
     return p
 
 
