@@ -93,3 +93,18 @@ def test_gpu_summary_reads_partial_results_and_the_compile_break_even(monkeypatc
     assert "compiling pays after 2,000 steps (ours), never (transformers)" in text
     assert "peaks: RuntimeError: x" in text and "decode: ValueError: y" in text and "train: OutOfMemoryError: z" in text
     assert "default-run: skipped: 10 s left" in text
+
+
+def test_ops_counts_what_each_path_dispatches(monkeypatch):
+    """benchmarks/ops.py on fake tensors: the plain loss dispatches as many operations for any batch
+    (one product, one cross-entropy), the chunked loss more by one chunk's for each 256 rows more,
+    and the graph's decode step fewer than the chapter's forward pass (which grows its cache by
+    concatenation and computes RoPE's angles afresh at every token)."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import ops
+    small = ["--preset", "cpu", "--vocab-size", "512", "--seq-len", "256", "--batch-size"]
+    one, two, three = (ops.main(small + [str(b)]) for b in (1, 2, 3))
+    plain, chunks = "training step, ours, plain logits (a GPU's path)", "training step, ours, 256-row chunks (a CPU's path)"
+    assert one[plain] == two[plain] == three[plain] < one[chunks]
+    assert three[chunks] - two[chunks] == two[chunks] - one[chunks] > 0  # one chunk's worth, each time
+    assert one["decoded token, ours, the graph's fixed-shape step"] < one["decoded token, ours, the chapter's forward pass"]
