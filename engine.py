@@ -229,7 +229,9 @@ class StaticKVCache(KVCache):
 # per row this step computes the same from fewer, fused ones: F.rms_norm; one product for q, k and v
 # and one for gate and up where their weights are fused; QK-norm and RoPE on all heads at once,
 # RoPE from cos/sin tables built once, rotate_half's sign folded into sin (rotate_half(x) sin =
-# roll(x) sin'); the residual stream updated in place.
+# roll(x) sin'); the residual stream updated in place. Grouped-query attention with one query per
+# row is plain attention with the group's query heads as that many queries of one key head: no
+# enable_gqa, which CUDA's fused kernels refuse beside a mask (the step's fixed shape always has one).
 #
 # How the weights are read. One vector through a matrix is all memory traffic, and PyTorch's CPU
 # product of one vector with a whole matrix leaves bandwidth unused; cut into one column block per
@@ -397,14 +399,15 @@ def decode_step(model: Qwen3, w: DecodeWeights, token, gen: Generation, fixed: b
     cos, sin = (t[position].view(B, 1, hd) for t in gen.rope)  # (B, 1, hd), broadcast over heads
     padded = fixed or cache.pad is not None
     keys_at = torch.arange(cache.keys[0].size(2), device=token.device)  # every slot of the cache
-    masks = {}  # per window: which slots each row's new query sees, (B, 1, 1, S)
+    masks = {}  # per window: which slots each row's new query sees, (B, 1, 1, S): 0, else -inf
     x = m.embed_tokens(token[:, 0])  # (B, hidden)
     for i, lw in enumerate(w.layers):
         h = F.rms_norm(x, (H,), lw.input_norm, eps)
         qkv = project(h, lw.qkv, lw.qkv_bias)  # (B, (nh + 2 nkv) hd)
         qk = F.rms_norm(qkv[:, :(nh + nkv) * hd].view(B, nh + nkv, hd), (hd,), None, eps) * lw.qk_gain  # QK-norm
         qk = torch.addcmul(qk * cos, qk.roll(hd // 2, -1), sin)  # apply_rope, every query and key head at once
-        q, k, v = qk[:, :nh, None], qk[:, nh:, None], qkv[:, (nh + nkv) * hd:].view(B, nkv, 1, hd)
+        q = qk[:, :nh].view(B, nkv, nh // nkv, hd)  # each key head's group of query heads, as queries of one position
+        k, v = qk[:, nh:, None], qkv[:, (nh + nkv) * hd:].view(B, nkv, 1, hd)  # (B, nkv, 1, hd)
         if fixed:  # written at the slot on the device; attend over all slots, the others masked
             cache.keys[i].index_copy_(2, slot.view(1), k)
             cache.values[i].index_copy_(2, slot.view(1), v)
@@ -414,12 +417,13 @@ def decode_step(model: Qwen3, w: DecodeWeights, token, gen: Generation, fixed: b
             key_slots = keys_at[cache.seen_tokens + 1 - k.size(2):cache.seen_tokens + 1]
         mask = None  # all S keys visible: no mask, unless rows are padded or the shape is fixed
         if padded:
-            if (lw.window, k.size(2)) not in masks:
-                masks[lw.window, k.size(2)] = can_attend(position[:, None], key_slots - gen.pad[:, None],
-                                                         lw.window)[:, None]  # (B, 1, 1, S)
+            if (lw.window, k.size(2)) not in masks:  # made once a step, as the additive mask sdpa makes of a bool one
+                seen = can_attend(position[:, None], key_slots - gen.pad[:, None], lw.window)[:, None]  # (B, 1, 1, S)
+                masks[lw.window, k.size(2)] = torch.zeros(seen.shape, dtype=q.dtype, device=q.device).masked_fill_(
+                    ~seen, float("-inf"))
             mask = masks[lw.window, k.size(2)]
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=nkv != nh)  # (B, nh, 1, hd)
-        x += project(y.view(B, nh * hd), lw.o, lw.o_bias)  # (B, nh, 1, hd) is (B, nh hd) in memory
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, nkv, nh / nkv, hd)
+        x += project(y.view(B, nh * hd), lw.o, lw.o_bias)  # (B, nkv, nh / nkv, hd) is (B, nh hd) in memory
         h = F.rms_norm(x, (H,), lw.post_norm, eps)
         if lw.moe is not None:
             x += experts_step(lw.moe, h)
