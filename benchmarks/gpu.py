@@ -141,7 +141,7 @@ CORRECTNESS_CONFIGS = {  # GQA with a narrow head; MHA with sliding windows; MQA
 
 
 def correctness(args, device):
-    out = RESULTS["correctness"] = {}  # filled as it goes: a failure keeps what came before
+    out = RESULTS["correctness"] = {}  # filled as it goes: a failure keeps what came before it
     base = dict(vocab_size=1000, hidden_size=96, intermediate_size=192, num_hidden_layers=3, max_position_embeddings=512)
     idx = torch.randint(0, 1000, (2, 64), device=device)
     for name, kw in CORRECTNESS_CONFIGS.items():
@@ -191,7 +191,8 @@ def prompt1(cfg, device):
 
 def decode(args, device):
     """generate.py's way (bf16 weights on CUDA, the engine) against transformers' generate."""
-    rows, n = RESULTS.setdefault("decode", {}), 8 if args.quick else 64
+    rows = RESULTS["decode"] = {}  # filled as it goes, as every section's results
+    n = 8 if args.quick else 64
     copy_bw = RESULTS.get("peaks", {}).get("copy_gb_per_s")
     shapes = {"seed": Qwen3Config.preset("seed", max_position_embeddings=512)}
     if not args.quick:
@@ -319,7 +320,8 @@ def train(args, device):
 def default_run(args, device):
     """python train.py with the device's defaults, Muon and AdamW: best val bpb, time per step,
     where Muon first reaches AdamW's final validation loss."""
-    out_dir, runs, work = Path(args.out), RESULTS.setdefault("default-run", {}), Path(tempfile.mkdtemp(prefix="gpu-runs-"))
+    out_dir, runs, work = Path(args.out), {}, Path(tempfile.mkdtemp(prefix="gpu-runs-"))
+    RESULTS["default-run"] = runs  # filled as it goes
     quick = ["--max-steps", "20", "--eval-every", "10", "--preset", "cpu", "--seq-len", "64", "--batch-size", "4",
              "--vocab-size", "512", "--eval-batches", "1"] if args.quick else []
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}

@@ -108,3 +108,15 @@ def test_ops_counts_what_each_path_dispatches(monkeypatch):
     assert one[plain] == two[plain] == three[plain] < one[chunks]
     assert three[chunks] - two[chunks] == two[chunks] - one[chunks] > 0  # one chunk's worth, each time
     assert one["decoded token, ours, the graph's fixed-shape step"] < one["decoded token, ours, the chapter's forward pass"]
+
+
+def test_gpu_script_keeps_what_a_failing_section_measured(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import gpu
+    configs = dict(list(gpu.CORRECTNESS_CONFIGS.items())[:1], broken=dict(num_attention_heads=3))  # 3 heads, 2 kv heads
+    monkeypatch.setattr(gpu, "CORRECTNESS_CONFIGS", configs)
+    monkeypatch.setattr(sys, "argv", ["gpu.py", "--quick", "--only", "correctness", "--out", str(tmp_path)])
+    gpu.main()
+    res = json.loads((tmp_path / "gpu.json").read_text())["correctness"]
+    assert res["gqa_hd24"]["greedy_chapter_equals_transformers"] is True  # measured before the failure, kept
+    assert "broken" not in res and res["error"].startswith("ValueError")
