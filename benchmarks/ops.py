@@ -65,8 +65,6 @@ def training_step(model, loss_fn) -> collections.Counter:
 def models(cfg, dtype):
     """Ours and transformers' Qwen3 of config cfg, with weights in dtype."""
     import transformers
-    transformers.logging.set_verbosity_error()  # past_key_values, as transformers 4.51 names it, is deprecated in 5
-    warnings.filterwarnings("ignore", message=".*past_key_values.*", category=FutureWarning)
     default = torch.get_default_dtype()
     torch.set_default_dtype(dtype)  # made in dtype (converting fake weights afterwards is refused)
     try:
@@ -83,6 +81,9 @@ def main(argv=None):
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--top", type=int, default=0, help="also list the N commonest operations of each row")
     args = p.parse_args(argv)
+    import transformers
+    transformers.logging.set_verbosity_error()  # past_key_values, as transformers 4.51 names it, is deprecated in 5
+    warnings.filterwarnings("ignore", message=".*past_key_values.*", category=FutureWarning)
     cfg = Qwen3Config.preset(args.preset, vocab_size=args.vocab_size, max_position_embeddings=max(args.seq_len, 256))
     rows = {}
     with FakeTensorMode():  # every tensor made in here is fake: the models' weights too
