@@ -127,6 +127,12 @@ def moe_forward(moe: MoE, x):
     return torch.zeros_like(h).index_add_(0, order // k, out * weights.flatten()[order, None]).view_as(x)
 
 
+# Devices whose fused attention kernel takes grouped-query heads beside a mask (a sliding window's).
+# The CPU's does. On CUDA only flash attention takes grouped heads, and it takes no mask: sdpa would
+# fall back to its unfused math path, all (T, T) scores in memory, so there the heads are repeated.
+MASKED_GQA_DEVICES = {"cpu"}
+
+
 def hidden_states(model: Qwen3, input_ids, rope):
     """The chapter's model.model(input_ids) for training (no cache, no padding), in fewer kernels:
     F.rms_norm, whose fused kernel (on GPUs) replaces the chapter's five-op RMSNorm forward and
@@ -147,8 +153,11 @@ def hidden_states(model: Qwen3, input_ids, rope):
         v = a.v_proj(h).view(B, T, nkv, hd)
         window = a.window if a.window is not None and a.window < T else None
         mask = None if window is None else can_attend(*(torch.arange(T, device=x.device),) * 2, window)
-        y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
-                                           is_causal=mask is None, dropout_p=p, enable_gqa=nkv != nh)  # (B, nh, T, hd)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, heads, T, hd)
+        if mask is not None and nkv != nh and x.device.type not in MASKED_GQA_DEVICES:
+            k, v = (t.repeat_interleave(nh // nkv, dim=1) for t in (k, v))  # (B, nh, T, hd): each query head's own
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, dropout_p=p,
+                                           enable_gqa=k.size(1) != nh)  # (B, nh, T, hd)
         x = x + F.dropout(a.o_proj(y.transpose(1, 2).reshape(B, T, nh * hd)), p, model.training)
         h = F.rms_norm(x, (H,), layer.post_attention_layernorm.weight, eps)
         x = x + F.dropout(moe_forward(mlp, h) if isinstance(mlp, MoE) else mlp(h), p, model.training)

@@ -102,6 +102,22 @@ def test_fused_loss_matches_logits_path_and_transformers(name, plain, model_pair
         assert abs(FusedLoss(ours)(x, y).item() - loss) <= 1e-6 * loss
 
 
+def test_grouped_heads_repeated_beside_a_window_as_on_cuda(model_pair, monkeypatch):
+    """Where the fused kernels take no grouped heads beside a mask (CUDA), the training pass repeats
+    the key and value heads under a sliding window: the chapter's loss and gradients all the same."""
+    _, ours = model_pair(**SHAPES["bias_gqa4_sliding"])
+    x = rand_ids((2, 40), seed=24)
+    y = torch.roll(x, -1, 1)
+    a = ours.model.layers[-1].self_attn
+    assert a.window < x.size(1) and a.n_kv_head < a.n_head  # a mask, and grouped heads: the path under test
+    monkeypatch.setattr(engine, "MASKED_GQA_DEVICES", set())  # this CPU, taken for such a device
+    got = torch.autograd.grad(FusedLoss(ours)(x, y), list(ours.parameters()))
+    monkeypatch.undo()
+    want = torch.autograd.grad(ours(x, y)[1], list(ours.parameters()))
+    for a, b in zip(got, want):
+        assert max_rel_err(a, b) <= 4e-6  # fp32 rounding, other summation orders (2e-6 to 3e-6 seen)
+
+
 def test_loss_path_by_device_and_memory(model_pair):
     """Chunks of 256 rows on a CPU; elsewhere the plain logits while logits, their fp32 copy and its
     gradient fit an eighth of the device's memory, else the largest chunks that do."""
