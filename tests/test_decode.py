@@ -83,6 +83,19 @@ def test_padded_greedy_generate_matches_transformers_and_one_at_a_time(name, mod
         assert got[b, idx.size(1):].tolist() == alone[0, len(p):].tolist(), b
 
 
+@pytest.mark.parametrize("mode", ["filled", "fixed"])
+def test_the_engine_samples_the_chapters_tokens(mode, model_pair):
+    """With temperature, top-k and top-p, a padded batch: the engine's steps (the fixed one is what a
+    CUDA graph replays) draw the chapter's tokens from the same generator state."""
+    _, ours = model_pair(seed=7, **SLIDING)
+    idx, mask = left_pad([rand_ids((n,), seed=40 + n).tolist() for n in (6, 2, 9)], seed=8)
+    kw = dict(temperature=0.8, top_k=20, top_p=0.9, attention_mask=mask)
+    want = generate(ours, idx, 16, generator=torch.Generator().manual_seed(3), **kw)
+    got = generate(ours, idx, 16, generator=torch.Generator().manual_seed(3), decoder=Engine(ours, mode), **kw)
+    assert torch.equal(got, want)
+    assert len(set(got[:, idx.size(1):].flatten().tolist())) > 3  # sampled, not stuck on one token
+
+
 def test_padded_sampling_draws_what_each_row_alone_draws(model_pair):
     # With temperature, each row's distribution is its own: a one-row batch and a padded batch
     # put the same probabilities on every token (the draws themselves differ: one generator).
