@@ -316,6 +316,15 @@ def project(h, w, bias=None):
     return y if bias is None else y.add_(bias)
 
 
+def project_add_(x, h, w, bias=None):
+    """x += project(h, w, bias), in place: (B, out). With one block, x + h W is one product whose
+    result lands on x (the product adds x itself: one kernel, no temporary)."""
+    if isinstance(w, tuple) or w.size(0) > 1:
+        return x.add_(project(h, w, bias))
+    x.addmm_(h, w[0])
+    return x if bias is None else x.add_(bias)
+
+
 def block_count(w) -> int:
     """How many column blocks each matrix of a model with weights like w is read in: one per
     thread for float32 on a CPU, else 1."""
@@ -432,13 +441,13 @@ def decode_step(model: Qwen3, w: DecodeWeights, token, gen: Generation, fixed: b
                     ~seen, float("-inf"))
             mask = masks[lw.window, k.size(2)]
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, nkv, nh / nkv, hd)
-        x += project(y.view(B, nh * hd), lw.o, lw.o_bias)  # (B, nkv, nh / nkv, hd) is (B, nh hd) in memory
+        project_add_(x, y.view(B, nh * hd), lw.o, lw.o_bias)  # (B, nkv, nh / nkv, hd) is (B, nh hd) in memory
         h = F.rms_norm(x, (H,), lw.post_norm, eps)
         if lw.moe is not None:
             x += experts_step(lw.moe, h)
         else:
             gate, up = project(h, lw.gate_up).chunk(2, dim=-1)
-            x += project(F.silu(gate).mul_(up), lw.down)
+            project_add_(x, F.silu(gate).mul_(up), lw.down)
     if fixed:
         gen.slot += 1
     else:
