@@ -143,6 +143,7 @@ def hidden_states(model: Qwen3, input_ids, rope):
     H, hd, eps, nh, nkv = c.hidden_size, c.head_dim, c.rms_norm_eps, c.num_attention_heads, c.num_key_value_heads
     cos, sin = (t[:T, None] for t in rope)  # (T, 1, hd): the same angles for every head
     p = c.dropout if model.training else 0.0
+    masks = {}  # per sliding window: which keys each query sees, made once a pass
     x = m.embed_tokens(input_ids)  # (B, T, hidden)
     for layer in m.layers:
         a, mlp = layer.self_attn, layer.mlp
@@ -152,7 +153,9 @@ def hidden_states(model: Qwen3, input_ids, rope):
         q, k = (torch.addcmul(t * cos, t.roll(hd // 2, -1), sin) for t in (q, k))  # RoPE
         v = a.v_proj(h).view(B, T, nkv, hd)
         window = a.window if a.window is not None and a.window < T else None
-        mask = None if window is None else can_attend(*(torch.arange(T, device=x.device),) * 2, window)
+        if window is not None and window not in masks:
+            masks[window] = can_attend(*(torch.arange(T, device=x.device),) * 2, window)  # (T, T)
+        mask = masks.get(window)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, heads, T, hd)
         if mask is not None and nkv != nh and x.device.type not in MASKED_GQA_DEVICES:
             k, v = (t.repeat_interleave(nh // nkv, dim=1) for t in (k, v))  # (B, nh, T, hd): each query head's own
