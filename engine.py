@@ -4,15 +4,17 @@ the model computes, only how, and tests/ hold each path to the chapter's.
 
     1. FusedLoss         the training loss in fewer kernels (fused norms, RoPE from tables, experts'
                          tokens grouped in one sort) and without holding the logits where they cost more
-                         than they save (chunk by chunk on a CPU, or where memory is short)
+                         than they save (chunk by chunk on a CPU, or where memory is short); on CUDA
+                         its forward and backward replayed as CUDA graphs (cuda_graphed)
     2. StaticKVCache     generation's cache allocated once and written in place
     3. Engine            generation: one new token in few, fused operations, from weights laid out
                          for it; on CUDA a fixed-shape step replayed as a CUDA graph; float16's guard
     4. FastMuon          Muon's Newton-Schulz on the small Gram matrix, reusing its buffers, and
                          split across ranks under torch.distributed
 
-Each is switched on by one explicit call: `FusedLoss(model)` in train.py, `Engine(model)` given to
-qwen3.generate / sampling.stream as their `decoder` in generate.py, `configure_optimizers(..., muon=FastMuon)`.
+Each is switched on by one explicit call: `FusedLoss(model)` and `cuda_graphed(loss, ...)` in train.py,
+`Engine(model)` given to qwen3.generate / sampling.stream as their `decoder` in generate.py,
+`configure_optimizers(..., muon=FastMuon)`.
 Measurements behind the choices made here are in benchmarks/README.md.
 """
 
@@ -52,6 +54,9 @@ def rope_tables(config, length: int, device, dtype):
 # two saved gradients (the idea of Liger Kernel's fused linear cross-entropy, Hsu et al. 2024, and of
 # Cut Cross-Entropy, Wijmans et al. 2024). Chunks pay where memory is short or slow to touch (a CPU);
 # a GPU takes the plain logits while they fit a memory budget: chunks launch many more kernels.
+# Even so a small model's step on a GPU is a thousand kernels of microseconds, each launched by the
+# CPU in more time than it runs: the GPU waits. cuda_graphed records the loss's forward and its
+# backward once each as a CUDA graph, and every step replays them: two launches, not a thousand.
 
 
 class LinearCrossEntropy(torch.autograd.Function):
@@ -203,6 +208,26 @@ class FusedLoss(nn.Module):
         else:
             loss = linear_cross_entropy(h.flatten(0, 1), self.model.lm_head.weight, targets.flatten(), chunk)
         return loss + self.model.aux_loss()  # a mixture of experts' load balancing, if on
+
+
+def cuda_graphed(loss: FusedLoss, batch_size: int, seq_len: int, autocast_dtype=None) -> FusedLoss | None:
+    """loss, its forward and backward each recorded once as a CUDA graph and replayed at every call
+    (torch.cuda.make_graphed_callables, after three warm-up passes that change no weight), for
+    batches of (batch_size, seq_len) under autocast to autocast_dtype (None: none). Gradients arrive
+    in .grad as views of the graph's memory, which the next backward overwrites: one backward per
+    optimizer step (no accumulation), then zero_grad(set_to_none=True). A graph cannot wait for
+    the host, so a mixture of experts (it reads its groups' sizes) is refused. Returns loss itself,
+    its forward now replaying the graphs; None if recording failed (with a warning; loss as it was)."""
+    if any(isinstance(layer.mlp, MoE) for layer in loss.model.model.layers):
+        raise ValueError("a mixture of experts reads its groups' sizes back from the GPU: no CUDA graph")
+    ids = torch.zeros(batch_size, seq_len, dtype=torch.long, device=loss.model.lm_head.weight.device)
+    try:  # autocast's cache of cast weights would outlive the recording: graphs refuse it
+        with torch.autocast("cuda", autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None,
+                            cache_enabled=False):
+            return torch.cuda.make_graphed_callables(loss, (ids, ids.clone()))
+    except Exception as e:  # noqa: BLE001  the eager loss computes the same, only slower
+        warnings.warn(f"CUDA graphs off, recording failed: {type(e).__name__}: {e}", RuntimeWarning, stacklevel=2)
+        return None
 
 
 # %% 2. A preallocated KV cache

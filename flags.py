@@ -38,7 +38,7 @@ SHAPE_FLAGS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_att
                "head_dim", "rope_theta", "tie_word_embeddings", "num_experts", "num_experts_per_tok",
                "moe_intermediate_size")
 # Flags about this invocation rather than the run; --resume does not take them from the checkpoint.
-SESSION_FLAGS = ("device", "dtype", "compile", "out_dir", "resume", "overwrite", "stop_at")
+SESSION_FLAGS = ("device", "dtype", "compile", "cuda_graphs", "out_dir", "resume", "overwrite", "stop_at")
 # Flags that only the start of a run uses, and why --resume cannot change them.
 FIXED_AT_START = {
     "tokenizer": "the tokenizer is last/'s",
@@ -211,6 +211,10 @@ def build_parser() -> ArgumentParser:
                    "float32 or bfloat16")
     g.add_argument("--compile", action="store_true", help="torch.compile the training loss: a slow first step, "
                    "then faster ones (on a GPU it pays in long runs: README, On a GPU)")
+    g.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=True, help="on CUDA, record "
+                   "the training loss's forward and backward once as CUDA graphs and replay them each step: "
+                   "two launches, not a thousand (one process, --grad-accum 1, a dense model, no --compile); "
+                   "--no-cuda-graphs launches every kernel from Python")
     return p
 
 

@@ -34,6 +34,7 @@ def describe(run, state, resuming: bool):
     say(f"training: {args.max_steps} steps of {run.tokens_per_step:,} tokens (batch {args.batch_size} x seq "
         f"{args.seq_len} x accum {args.grad_accum}), one epoch = {epoch_steps:.0f} steps; {args.optimizer} "
         f"({lrs}), device {run.device.type}{ranks}, {args.dtype}" + (", compiled" if args.compile else "")
+        + (", CUDA graphs" if run.cuda_graphs else "")
         + (f"; resuming at step {state.step}" if resuming else ""))
     say("the bar's batch_loss is the loss of the batch just trained on, in training mode (--dropout on); 'eval:' "
         "lines score the same fixed windows of each split in eval mode, comparable from one to the next")

@@ -48,7 +48,7 @@ from checkpoint import (check_out_dir, check_outside_saves, open_out_dir, own_ou
                         release_out_dirs, restore_training_state, save_checkpoint, training_state)
 from common import UserError, error, pick_device
 from data import Batches, TokenData, fixed_starts, prepare_data, split_bytes, windows
-from engine import FastMuon, FusedLoss
+from engine import FastMuon, FusedLoss, cuda_graphed
 from guards import CheckpointError
 from plots import redraw_curves
 from qwen3 import MoE, Muon, Qwen3, configure_optimizers, from_pretrained
@@ -115,6 +115,7 @@ class Run:
     eval_bytes: dict  # {"train": n, "val": n}: the UTF-8 bytes their scored targets stand for
     model: Qwen3  # what evaluation, sampling and checkpoints use
     fused_loss: torch.nn.Module  # the training loss: FusedLoss(model), compiled with --compile, in DDP under torchrun
+    cuda_graphs: bool  # fused_loss replays CUDA graphs (use_cuda_graphs)
     optimizers: list
     autocast: object
     batch: int  # this rank's share of a step: `accum` micro-batches of `batch` sequences
@@ -178,6 +179,9 @@ def setup(args, device: torch.device, info: dict | None, log=say) -> Run:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     fused_loss = FusedLoss(model)  # the loss without the logits (engine.py), compiled with --compile
     fused_loss = torch.compile(fused_loss) if args.compile else fused_loss
+    # on CUDA its forward and backward replay as graphs: a step's thousand launches become two (engine.py)
+    cuda_graphs = use_cuda_graphs(args, device, model, world) and cuda_graphed(
+        fused_loss, args.batch_size, args.seq_len, torch.bfloat16 if args.dtype == "bfloat16" else None) is not None
     # Training passes go through DDP, which averages gradients across ranks in backward (and first
     # copies rank 0's weights to all); evaluation runs the model itself, no gradients to sync.
     if world > 1:
@@ -189,7 +193,16 @@ def setup(args, device: torch.device, info: dict | None, log=say) -> Run:
     autocast = torch.autocast(device.type, torch.bfloat16) if args.dtype == "bfloat16" else nullcontext()
     return Run(args=args, out=out, last=last, device=device, rank=rank, world=world, data=data, batches=batches,
                eval_starts=eval_starts, eval_bytes=eval_bytes, model=model, fused_loss=fused_loss,
-               optimizers=optimizers, autocast=autocast, batch=batch, accum=accum)
+               cuda_graphs=cuda_graphs, optimizers=optimizers, autocast=autocast, batch=batch, accum=accum)
+
+
+def use_cuda_graphs(args, device: torch.device, model: Qwen3, world: int) -> bool:
+    """Whether the training loss is replayed as CUDA graphs: on CUDA unless --no-cuda-graphs, for
+    one process taking one micro-batch a step (a replay overwrites the last backward's gradients,
+    so none accumulate, and DDP's hooks stay out of the graph), a dense model, not --compile."""
+    dense = not any(isinstance(layer.mlp, MoE) for layer in model.model.layers)
+    return (device.type == "cuda" and args.cuda_graphs and world == 1 and args.grad_accum == 1 and dense
+            and not args.compile)
 
 
 def resume(run: Run, info: dict) -> RunState:

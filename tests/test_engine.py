@@ -7,7 +7,8 @@ import torch.nn.functional as F
 
 import engine
 from engine import FusedLoss, chunk_rows, gram_newton_schulz, linear_cross_entropy, newton_schulz
-from qwen3 import NS_COEFFICIENTS, Qwen3, zeropower_via_newtonschulz
+from conftest import TINY
+from qwen3 import NS_COEFFICIENTS, Qwen3, Qwen3Config, zeropower_via_newtonschulz
 
 V = 101  # vocab of the tiny test models (conftest.TINY)
 
@@ -127,6 +128,38 @@ def test_loss_path_by_device_and_memory(model_pair):
     assert chunk_rows(5000, V, fit) is None and chunk_rows(5001, V, fit) == 5000 and chunk_rows(9, V, 10) == 1
     with torch.device("meta"):  # neither CPU nor CUDA: a budget of an eighth of 16 GiB
         assert FusedLoss(Qwen3(ours.config)).budget == 2 * 2**30
+
+
+def test_cuda_graphed_hands_torch_what_a_recording_needs(model_pair, monkeypatch):
+    """engine.cuda_graphed gives torch.cuda.make_graphed_callables (which needs a GPU: replaced here
+    by a stand-in) the loss and two distinct (B, T) token tensors on the model's device, under
+    autocast with its cache off (torch refuses a recording otherwise); a failed recording is a
+    warning and None, and a mixture of experts is refused. (That every parameter gets a gradient,
+    which a recording also needs, test_fused_loss_matches_logits_path_and_transformers checks; the
+    replay against the eager loss: benchmarks/gpu.py.)"""
+    _, ours = model_pair()
+    loss, seen = FusedLoss(ours), []
+
+    def record(fn, sample_args):
+        seen.append((fn, sample_args, torch.is_autocast_cache_enabled()))
+        return fn
+    monkeypatch.setattr(torch.cuda, "make_graphed_callables", record)
+    with pytest.warns(UserWarning, match="CUDA is not available"):  # autocast("cuda") on this CPU: disabled, as asked
+        assert engine.cuda_graphed(loss, 3, 40, torch.bfloat16) is loss
+    (fn, (x, y), cache), = seen
+    assert fn is loss and cache is False
+    for t in (x, y):
+        assert t.shape == (3, 40) and t.dtype == torch.long and t.device == ours.lm_head.weight.device
+    assert x.data_ptr() != y.data_ptr()  # the graph copies each argument into its own input
+
+    def fail(fn, sample_args):
+        raise RuntimeError("operation not permitted when stream is capturing")
+    monkeypatch.setattr(torch.cuda, "make_graphed_callables", fail)
+    with pytest.warns(RuntimeWarning, match="CUDA graphs off, recording failed: RuntimeError: operation not"):
+        assert engine.cuda_graphed(loss, 3, 40) is None
+    experts = Qwen3(Qwen3Config(**TINY, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16))
+    with pytest.raises(ValueError, match="mixture of experts"):
+        engine.cuda_graphed(FusedLoss(experts), 3, 40)
 
 
 def test_fused_loss_under_autocast(model_pair):

@@ -4,6 +4,7 @@ Most runs call train.main(argv) in-process (no interpreter start-up per run); th
 signals and exit codes run train.py as a real subprocess. One data cache is shared by the module,
 so the corpus is tokenised once.
 """
+import argparse
 import errno
 import json
 import math
@@ -25,8 +26,9 @@ import torch
 import checkpoint
 import common
 import data
+import flags
 import train
-from qwen3 import Qwen3, from_pretrained
+from qwen3 import Qwen3, Qwen3Config, from_pretrained
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ["--data", "embedded", "--max-docs", "300", "--vocab-size", "512", "--device", "cpu",
@@ -194,6 +196,25 @@ def test_grad_accumulation_averages(cache, tmp_path):
     a, b = from_pretrained(tmp_path / "a" / "last"), from_pretrained(tmp_path / "b" / "last")
     for (name, pa), pb in zip(a.state_dict().items(), b.state_dict().values()):
         torch.testing.assert_close(pa, pb, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_cuda_graphs_where_a_replay_is_the_whole_backward():
+    """On CUDA the loss replays CUDA graphs unless --no-cuda-graphs; not for more than one process
+    or micro-batch (a replay overwrites the last backward's gradients: they would not add up), a
+    mixture of experts (it reads its groups' sizes back), --compile, or another device."""
+    parser = flags.build_parser()
+    args = parser.parse_args([])
+    assert args.cuda_graphs and not parser.parse_args(["--no-cuda-graphs"]).cuda_graphs
+    shape = dict(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                 num_key_value_heads=1, head_dim=8)
+    dense, experts = Qwen3(Qwen3Config(**shape)), Qwen3(Qwen3Config(**shape, num_experts=4, num_experts_per_tok=2,
+                                                                    moe_intermediate_size=8))
+    cuda = torch.device("cuda")
+    assert train.use_cuda_graphs(args, cuda, dense, world=1)
+    for change, device, model, world in [(dict(cuda_graphs=False), cuda, dense, 1), (dict(grad_accum=2), cuda, dense, 1),
+                                         (dict(compile=True), cuda, dense, 1), ({}, cuda, dense, 2),
+                                         ({}, cuda, experts, 1), ({}, torch.device("cpu"), dense, 1)]:
+        assert not train.use_cuda_graphs(argparse.Namespace(**{**vars(args), **change}), device, model, world), change
 
 
 # %% resuming
