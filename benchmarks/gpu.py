@@ -16,10 +16,12 @@ is left of --minutes is skipped):
     decode       tokens/s of generate.py's way (bf16 weights, the engine's graph) against
                  transformers' generate, batch 1 and 8, seed config and Qwen3-0.6B's shape, each
                  with the bound: weight bytes per step over the measured copy bandwidth
-    default-run  `python train.py` (the GPU defaults) with Muon, and with --optimizer adamw
-    train        a training step (AdamW, bf16 autocast) of the seed config, eager and compiled, and of
-                 Qwen3-0.6B's shape (B=4, T=2048), with MFU, peak memory and CUDA kernels per step,
-                 and after how many steps compiling pays for its first step
+    default-run  `python train.py` (the GPU defaults: CUDA graphs) with Muon, with --optimizer adamw,
+                 and with Muon launching eagerly (--no-cuda-graphs, 150 steps): ms a step of each
+    train        a training step (AdamW, bf16 autocast) of the seed config, eager, replaying CUDA graphs
+                 (checked against eager first) and compiled, and of Qwen3-0.6B's shape (B=4, T=2048),
+                 with MFU, peak memory and CUDA kernels per step, and after how many steps compiling
+                 pays for its first step
 """
 import argparse
 import json
@@ -38,7 +40,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 import bench  # noqa: E402
-from engine import Engine, FusedLoss  # noqa: E402
+from engine import Engine, FusedLoss, cuda_graphed  # noqa: E402
 from qwen3 import Qwen3, Qwen3Config, generate, hf_config  # noqa: E402
 
 SECTIONS = ("peaks", "correctness", "decode", "default-run", "train")  # in this order: the budget may run out
@@ -252,9 +254,28 @@ def decode(args, device):
     return rows
 
 
-def train_rows(args, device, cfg, B, T, compile_too, out):
-    """AdamW steps of ours (engine.FusedLoss, as train.py) and transformers', eager and compiled,
-    into the dict out."""
+def loss_and_grads(loss_fn, model, x, y):
+    """One forward and backward under bf16 autocast: the loss and every parameter's gradient."""
+    model.zero_grad(set_to_none=True)
+    with torch.autocast(x.device.type, torch.bfloat16):
+        loss = loss_fn(x, y)
+    loss.backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad(set_to_none=True)
+    return loss.detach().clone(), grads
+
+
+def graphs_against_eager(model, graphed, x, y) -> dict:
+    """A loss replaying CUDA graphs (engine.cuda_graphed) against the eager FusedLoss: loss and
+    gradients, same weights and batch."""
+    (l0, g0), (l1, g1) = (loss_and_grads(f, model, x, y) for f in (FusedLoss(model), graphed))
+    return dict(graphs_loss_rel_diff=abs(l1.item() / l0.item() - 1), graphs_grad_rel_err=max(map(rel_err, g1, g0)))
+
+
+def train_rows(args, device, cfg, B, T, compile_too, out, graphs_too=False):
+    """AdamW steps of ours (engine.FusedLoss, as train.py) and transformers', eager, with ours
+    replaying CUDA graphs (train.py's way on CUDA; transformers' eager beside it) and compiled, into
+    the dict out."""
     ours, theirs = pair(cfg, device, random=False)
     ours.train(), theirs.train()
     x = torch.randint(0, cfg.vocab_size, (B, T), device=device)
@@ -263,10 +284,17 @@ def train_rows(args, device, cfg, B, T, compile_too, out):
     amp = argparse.Namespace(device=str(device))
     flops = bench.train_flops_per_token(cfg, T) * B * T
     peak = RESULTS.get("peaks", {}).get("matmul_tflops")
-    for mode in ("eager", "compiled") if compile_too else ("eager",):
+    modes = ["eager"] + (["graphs"] if graphs_too else []) + (["compiled"] if compile_too else [])
+    for mode in modes:
         fns = [FusedLoss(ours), lambda a, b: theirs(input_ids=a, labels=a).loss]
         if mode == "compiled":
             fns = [torch.compile(f) for f in fns]
+        check = {}
+        if mode == "graphs":  # the same loss and gradients first, then its speed
+            fns[0] = cuda_graphed(fns[0], B, T, torch.bfloat16)
+            if fns[0] is None:
+                raise RuntimeError("recording the CUDA graphs failed (the warning above says why)")
+            check = graphs_against_eager(ours, fns[0], x, y)
         steps = [bench.train_step_fn(f, o, x, y, amp) for f, o in zip(fns, opts)]
         first = []
         for s in steps:  # the first call compiles
@@ -277,7 +305,7 @@ def train_rows(args, device, cfg, B, T, compile_too, out):
         t_ours, t_theirs = median_time(steps, device, args.repeats)
         row = dict(tokens_per_s_ours=B * T / t_ours, tokens_per_s_transformers=B * T / t_theirs,
                    ratio=t_theirs / t_ours, step_ms_ours=1000 * t_ours, step_ms_transformers=1000 * t_theirs,
-                   first_step_s_ours=first[0], first_step_s_transformers=first[1])
+                   first_step_s_ours=first[0], first_step_s_transformers=first[1], **check)
         if peak:
             row["mfu_ours"], row["mfu_transformers"] = (flops / t / (peak * 1e12) for t in (t_ours, t_theirs))
         if device.type == "cuda":
@@ -307,10 +335,11 @@ def train(args, device):
     if args.quick:
         cfg = Qwen3Config(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                           num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=64)
-        train_rows(args, device, cfg, 2, 64, compile_too=False, out=out.setdefault("tiny", {}))
+        train_rows(args, device, cfg, 2, 64, compile_too=False, out=out.setdefault("tiny", {}),
+                   graphs_too=device.type == "cuda")
         return out
-    train_rows(args, device, Qwen3Config.preset("seed", max_position_embeddings=512), 24, 512,
-               compile_too=left() > 100, out=out.setdefault("seed, B=24, T=512", {}))
+    train_rows(args, device, Qwen3Config.preset("seed", max_position_embeddings=512), 24, 512, compile_too=left() > 100,
+               out=out.setdefault("seed, B=24, T=512", {}), graphs_too=device.type == "cuda")  # where graphs pay
     torch.cuda.empty_cache()
     if left() > 40:  # compiling Qwen3-0.6B's shape, both sides, takes minutes
         train_rows(args, device, Qwen3Config.preset("qwen3-0.6b"), 4, 2048, compile_too=left() > 180,
@@ -319,32 +348,38 @@ def train(args, device):
 
 
 def default_run(args, device):
-    """python train.py with the device's defaults, Muon and AdamW: best val bpb, time per step,
-    where Muon first reaches AdamW's final validation loss."""
+    """python train.py with the device's defaults, Muon and AdamW, and Muon's first 150 steps launched
+    eagerly: best val bpb, time per step (in all, and past the first evaluation: no warm-up), where
+    Muon first reaches AdamW's final validation loss."""
     out_dir, runs, work = Path(args.out), {}, Path(tempfile.mkdtemp(prefix="gpu-runs-"))
     RESULTS["default-run"] = runs  # filled as it goes
     quick = ["--max-steps", "20", "--eval-every", "10", "--preset", "cpu", "--seq-len", "64", "--batch-size", "4",
              "--vocab-size", "512", "--eval-batches", "1"] if args.quick else []
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    for name, flags in (("muon", []), ("adamw", ["--optimizer", "adamw"])):
-        run = work / name  # the run's folder stays here; its metrics and curves are copied to --out
+    for name, flags in (("muon", []), ("adamw", ["--optimizer", "adamw"]),
+                        ("muon, eager launches", ["--no-cuda-graphs", "--max-steps", "150"])):
+        run = work / name.replace(", ", "-").replace(" ", "-")  # stays here; its metrics and curves go to --out
         cmd = [sys.executable, str(ROOT / "train.py"), "--out-dir", str(run), "--device", device.type, *flags, *quick]
         t0 = time.perf_counter()
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
         wall = time.perf_counter() - t0
-        (out_dir / f"run-{name}.log").write_text(proc.stdout + proc.stderr)
+        (out_dir / f"run-{run.name}.log").write_text(proc.stdout + proc.stderr)
         if proc.returncode:
             raise RuntimeError(f"train.py {name} exited {proc.returncode}: {proc.stderr.strip().splitlines()[-1:]}")
         records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
         best = min(records, key=lambda r: r["val_loss"])
         last = records[-1]
+        warm = records[1]  # the first evaluation after step 0: what came before it includes warming up
         runs[name] = dict(best_val_loss=best["val_loss"], best_val_bpb=best["val_bpb"], best_step=best["step"],
                           steps=last["step"], steps_s=last["steps_s"], elapsed_s=last["elapsed_s"], wall_s=wall,
-                          ms_per_step=1000 * last["steps_s"] / last["step"], records=records)
-        shutil.copy(run / "curves.png", out_dir / f"curves-{name}.png")
-        shutil.copy(run / "metrics.jsonl", out_dir / f"metrics-{name}.jsonl")
+                          ms_per_step=1000 * last["steps_s"] / last["step"],
+                          ms_per_step_warm=1000 * (last["steps_s"] - warm["steps_s"]) / max(1, last["step"] - warm["step"]),
+                          records=records)
+        shutil.copy(run / "curves.png", out_dir / f"curves-{run.name}.png")
+        shutil.copy(run / "metrics.jsonl", out_dir / f"metrics-{run.name}.jsonl")
         print(f"  default run {name}: best val {best['val_loss']:.4f} ({best['val_bpb']:.3f} bpb) at step {best['step']}, "
-              f"{runs[name]['ms_per_step']:.1f} ms a step, {wall:.0f} s wall", flush=True)
+              f"{runs[name]['ms_per_step']:.1f} ms a step ({runs[name]['ms_per_step_warm']:.1f} warm), {wall:.0f} s wall",
+              flush=True)
     target = runs["adamw"]["records"][-1]["val_loss"]
     muon = runs["muon"]["records"]
     reach = next(((a, b) for a, b in zip(muon, muon[1:]) if a["val_loss"] > target >= b["val_loss"]), None)
@@ -360,7 +395,7 @@ def default_run(args, device):
 # %% the budget, the run, the table
 
 START, BUDGET, RESULTS = time.perf_counter(), 0.0, {}
-ESTIMATES = {"peaks": 15, "correctness": 40, "decode": 90, "default-run": 130, "train": 150}  # seconds, on an H200
+ESTIMATES = {"peaks": 15, "correctness": 40, "decode": 90, "default-run": 160, "train": 150}  # seconds, on an H200
 
 
 def left() -> float:
@@ -397,10 +432,11 @@ def summary(res):
             lines.append(f"train {shape}: compiling pays after " + ", ".join(
                 f"{'never' if n is None else f'{n:,.0f} steps'} ({side})" for side, n in pays.items()))
     runs = res.get("default-run", {})
-    for name in ("muon", "adamw"):
+    for name in ("muon", "adamw", "muon, eager launches"):
         if isinstance(runs.get(name), dict):
             r = runs[name]
-            lines.append(f"default run {name}: {r['best_val_bpb']:.3f} bpb, {r['ms_per_step']:.1f} ms a step, {r['wall_s']:.0f} s wall")
+            lines.append(f"default run {name}: {r['steps']} steps, {r['best_val_bpb']:.3f} bpb, {r['ms_per_step']:.1f} "
+                         f"ms a step ({r['ms_per_step_warm']:.1f} warm), {r['wall_s']:.0f} s wall")
     if "muon_reaches_adamw_final_at_step" in runs:
         lines.append(f"Muon reaches AdamW's final loss at step {runs['muon_reaches_adamw_final_at_step']:.0f}")
     for name in SECTIONS:
