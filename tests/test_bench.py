@@ -61,16 +61,20 @@ def test_gpu_script_runs_every_section_at_tiny_shapes(tmp_path):
     section on this CPU, and each records its numbers, not an error."""
     out = run("benchmarks/gpu.py", "--quick", "--repeats", "1", "--out", str(tmp_path))
     res = json.loads((tmp_path / "gpu.json").read_text())
-    for section in ("peaks", "correctness", "decode", "default-run", "train"):
+    for section in ("peaks", "correctness", "decode", "default-run", "train", "decode-compiled"):
         assert "error" not in res[section] and "skipped" not in res[section], res[section]
     for name, checks in res["correctness"].items():
         assert all(v for k, v in checks.items() if k.startswith(("greedy", "padded", "sampled"))), (name, checks)
         assert checks["fp32_logits_rel_err"] < 1e-5
     assert {"tiny, batch 1", "tiny, batch 8"} <= set(res["decode"])
+    assert res["decode-compiled"]["tiny, batch 1, compiled graph"]["greedy_agreement_with_eager_graph"] == 1.0
     assert res["train"]["tiny"]["eager"]["step_ms_ours"] > 0
     assert {p.name for p in tmp_path.iterdir()} >= {"curves-muon.png", "curves-adamw.png", "metrics-muon.jsonl",
-                                                    "run-adamw.log"}
-    assert "default run muon:" in out and "train tiny eager" in out
+                                                    "run-adamw.log", "run-muon-eager-launches.log"}
+    runs = res["default-run"]
+    assert runs["muon, eager launches"]["steps"] == 20 and runs["muon"]["ms_per_step_warm"] > 0
+    assert "default run muon:" in out and "default run muon, eager launches: 20 steps" in out
+    assert "train tiny eager" in out and "decode tiny, batch 1, compiled graph" in out
 
 
 def test_gpu_summary_reads_partial_results_and_the_compile_break_even(monkeypatch):
