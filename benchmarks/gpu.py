@@ -305,8 +305,8 @@ def train_rows(args, device, cfg, B, T, compile_too, out, graphs_too=False):
     amp = argparse.Namespace(device=str(device))
     flops = bench.train_flops_per_token(cfg, T) * B * T
     peak = RESULTS.get("peaks", {}).get("matmul_tflops")
-    modes = ["eager"] + (["graphs"] if graphs_too else []) + (["compiled"] if compile_too else [])
-    for mode in modes:
+
+    def timed_mode(mode):
         fns = [FusedLoss(ours), lambda a, b: theirs(input_ids=a, labels=a).loss]
         if mode == "compiled":
             fns = [torch.compile(f) for f in fns]
@@ -336,9 +336,12 @@ def train_rows(args, device, cfg, B, T, compile_too, out, graphs_too=False):
                 row[f"peak_gib_{side}"] = torch.cuda.max_memory_allocated(device) / 2**30
             if mode == "eager":
                 row["kernels_ours"], row["kernels_transformers"] = (kernels_per_call(s, device) for s in steps)
-        out[mode] = row
         print(f"  train {mode}: {row}", flush=True)
-    if "compiled" in out:
+        return row
+
+    for mode in ["eager"] + (["graphs"] if graphs_too else []) + (["compiled"] if compile_too else []):
+        out[mode] = attempt(lambda: timed_mode(mode), f"train {mode}")
+    if "ratio" in out["eager"] and "ratio" in out.get("compiled", {}):
         out["compile_pays_after_steps"] = {side: pays_after(out["eager"], out["compiled"], side)
                                            for side in ("ours", "transformers")}
 
@@ -376,41 +379,55 @@ def default_run(args, device):
     RESULTS["default-run"] = runs  # filled as it goes
     quick = ["--max-steps", "20", "--eval-every", "10", "--preset", "cpu", "--seq-len", "64", "--batch-size", "4",
              "--vocab-size", "512", "--eval-batches", "1"] if args.quick else []
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     for name, flags in (("muon", []), ("adamw", ["--optimizer", "adamw"]),
                         ("muon, eager launches", ["--no-cuda-graphs", "--max-steps", "150"])):
         run = work / name.replace(", ", "-").replace(" ", "-")  # stays here; its metrics and curves go to --out
-        cmd = [sys.executable, str(ROOT / "train.py"), "--out-dir", str(run), "--device", device.type, *flags, *quick]
-        t0 = time.perf_counter()
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
-        wall = time.perf_counter() - t0
-        (out_dir / f"run-{run.name}.log").write_text(proc.stdout + proc.stderr)
-        if proc.returncode:
-            raise RuntimeError(f"train.py {name} exited {proc.returncode}: {proc.stderr.strip().splitlines()[-1:]}")
-        records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-        best = min(records, key=lambda r: r["val_loss"])
-        last = records[-1]
-        warm = records[1]  # the first evaluation after step 0: what came before it includes warming up
-        runs[name] = dict(best_val_loss=best["val_loss"], best_val_bpb=best["val_bpb"], best_step=best["step"],
-                          steps=last["step"], steps_s=last["steps_s"], elapsed_s=last["elapsed_s"], wall_s=wall,
-                          ms_per_step=1000 * last["steps_s"] / last["step"],
-                          ms_per_step_warm=1000 * (last["steps_s"] - warm["steps_s"]) / max(1, last["step"] - warm["step"]),
-                          records=records)
-        shutil.copy(run / "curves.png", out_dir / f"curves-{run.name}.png")
-        shutil.copy(run / "metrics.jsonl", out_dir / f"metrics-{run.name}.jsonl")
-        print(f"  default run {name}: best val {best['val_loss']:.4f} ({best['val_bpb']:.3f} bpb) at step {best['step']}, "
-              f"{runs[name]['ms_per_step']:.1f} ms a step ({runs[name]['ms_per_step_warm']:.1f} warm), {wall:.0f} s wall",
-              flush=True)
-    target = runs["adamw"]["records"][-1]["val_loss"]
-    muon = runs["muon"]["records"]
-    reach = next(((a, b) for a, b in zip(muon, muon[1:]) if a["val_loss"] > target >= b["val_loss"]), None)
-    if reach:  # interpolated between evaluations
-        a, b = reach
-        runs["muon_reaches_adamw_final_at_step"] = a["step"] + (b["step"] - a["step"]) * (a["val_loss"] - target) / (a["val_loss"] - b["val_loss"])
+        runs[name] = attempt(lambda: one_run(run, [*flags, *quick], device, out_dir), f"default run {name}")
+        if "error" not in runs[name]:
+            r = runs[name]
+            print(f"  default run {name}: best val {r['best_val_loss']:.4f} ({r['best_val_bpb']:.3f} bpb) at step "
+                  f"{r['best_step']}, {r['ms_per_step']:.1f} ms a step ({r['ms_per_step_warm']:.1f} warm), "
+                  f"{r['wall_s']:.0f} s wall", flush=True)
+    if "records" in runs["adamw"] and "records" in runs["muon"]:
+        target, muon = runs["adamw"]["records"][-1]["val_loss"], runs["muon"]["records"]
+        reach = next(((a, b) for a, b in zip(muon, muon[1:]) if a["val_loss"] > target >= b["val_loss"]), None)
+        if reach:  # interpolated between evaluations
+            a, b = reach
+            runs["muon_reaches_adamw_final_at_step"] = a["step"] + (b["step"] - a["step"]) * (a["val_loss"] - target) / (a["val_loss"] - b["val_loss"])
     for r in runs.values():
         if isinstance(r, dict):
-            r.pop("records")
+            r.pop("records", None)
     return runs
+
+
+def one_run(run: Path, flags: list, device, out_dir: Path) -> dict:
+    """train.py into the folder run, its log, metrics and curves copied to out_dir: its numbers."""
+    cmd = [sys.executable, str(ROOT / "train.py"), "--out-dir", str(run), "--device", device.type, *flags]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"}, cwd=ROOT)
+    wall = time.perf_counter() - t0
+    (out_dir / f"run-{run.name}.log").write_text(proc.stdout + proc.stderr)
+    if proc.returncode:
+        raise RuntimeError(f"train.py exited {proc.returncode}: {proc.stderr.strip().splitlines()[-1:]}")
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    best, last = min(records, key=lambda r: r["val_loss"]), records[-1]
+    warm = records[1]  # the first evaluation after step 0: what came before it includes warming up
+    shutil.copy(run / "curves.png", out_dir / f"curves-{run.name}.png")
+    shutil.copy(run / "metrics.jsonl", out_dir / f"metrics-{run.name}.jsonl")
+    return dict(best_val_loss=best["val_loss"], best_val_bpb=best["val_bpb"], best_step=best["step"], steps=last["step"],
+                steps_s=last["steps_s"], elapsed_s=last["elapsed_s"], wall_s=wall,
+                ms_per_step=1000 * last["steps_s"] / last["step"],
+                ms_per_step_warm=1000 * (last["steps_s"] - warm["steps_s"]) / max(1, last["step"] - warm["step"]),
+                records=records)
+
+
+def attempt(fn, what: str) -> dict:
+    """fn()'s dict of results, or {"error": why} if it raised: one row's failure costs that row alone."""
+    try:
+        return fn()
+    except Exception as e:  # noqa: BLE001  recorded, printed, and the next row goes on
+        print(f"  {what}: {traceback.format_exc()[-2000:]}", file=sys.stderr, flush=True)
+        return {"error": f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"}
 
 
 # %% the budget, the run, the table
@@ -445,7 +462,9 @@ def summary(res):
             lines.append(f"decode {name:<22} ours {r['tokens_per_s_ours']:>8,.0f} tok/s{bound}")
     for shape, modes in res.get("train", {}).items():
         for mode, r in (modes.items() if isinstance(modes, dict) else ()):
-            if isinstance(r, dict) and "ratio" in r:
+            if isinstance(r, dict) and "error" in r:
+                lines.append(f"train {shape} {mode}: {r['error']}")
+            elif isinstance(r, dict) and "ratio" in r:
                 mfu = f", MFU {100 * r['mfu_ours']:.1f}% vs {100 * r['mfu_transformers']:.1f}%" if "mfu_ours" in r else ""
                 lines.append(f"train {shape} {mode:<8} ours {r['tokens_per_s_ours']:>10,.0f} tok/s  transformers "
                              f"{r['tokens_per_s_transformers']:>10,.0f}  {r['ratio']:5.2f}x{mfu}")
@@ -455,7 +474,9 @@ def summary(res):
                 f"{'never' if n is None else f'{n:,.0f} steps'} ({side})" for side, n in pays.items()))
     runs = res.get("default-run", {})
     for name in ("muon", "adamw", "muon, eager launches"):
-        if isinstance(runs.get(name), dict):
+        if isinstance(runs.get(name), dict) and "error" in runs[name]:
+            lines.append(f"default run {name}: {runs[name]['error']}")
+        elif isinstance(runs.get(name), dict):
             r = runs[name]
             lines.append(f"default run {name}: {r['steps']} steps, {r['best_val_bpb']:.3f} bpb, {r['ms_per_step']:.1f} "
                          f"ms a step ({r['ms_per_step_warm']:.1f} warm), {r['wall_s']:.0f} s wall")

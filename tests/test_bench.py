@@ -1,10 +1,13 @@
 """The measuring scripts run, and measure what they say: bench.py's decode rows and
 benchmarks/gemv_layouts.py, on a tiny model, checked against an independent count of the bytes a
 decoding step reads. (Speed itself is never asserted: it comes from these scripts, run alone.)"""
+import argparse
 import json
 import subprocess
 import sys
 from pathlib import Path
+
+import torch
 
 from qwen3 import Qwen3Config
 
@@ -88,15 +91,43 @@ def test_gpu_summary_reads_partial_results_and_the_compile_break_even(monkeypatc
     res = dict(device="GPU", torch="2", transformers="5", date="today", peaks={"error": "RuntimeError: x"},
                decode={"seed, batch 1": {**row, "engine_mode": "graph"}, "error": "ValueError: y", "traceback": "..."},
                train={"seed": {"eager": {**row, **eager}, "compiled": {**row, **compiled},
+                               "graphs": {"error": "RuntimeError: capture"},
                                "compile_pays_after_steps": {"ours": 2000.0, "transformers": None}},
                       "error": "OutOfMemoryError: z"},
-               **{"default-run": {"skipped": "skipped: 10 s left of the budget"}})
+               **{"default-run": {"muon": {"error": "RuntimeError: train.py exited 1"}, "adamw": dict(
+                   steps=600, best_val_bpb=1.5, ms_per_step=20.0, ms_per_step_warm=19.0, wall_s=30.0)},
+                  "decode-compiled": {"skipped": "skipped: 10 s left of the budget"}})
     text = gpu.summary(res)
     assert "decode seed, batch 1" in text and "2.00x" in text
     assert "train seed eager" in text and "train seed compiled" in text
     assert "compiling pays after 2,000 steps (ours), never (transformers)" in text
     assert "peaks: RuntimeError: x" in text and "decode: ValueError: y" in text and "train: OutOfMemoryError: z" in text
-    assert "default-run: skipped: 10 s left" in text
+    assert "train seed graphs: RuntimeError: capture" in text
+    assert "default run muon: RuntimeError: train.py exited 1" in text
+    assert "default run adamw: 600 steps, 1.500 bpb, 20.0 ms a step (19.0 warm)" in text
+    assert "decode-compiled: skipped: 10 s left" in text
+
+
+def test_gpu_script_keeps_the_runs_beside_a_failing_one(tmp_path, monkeypatch):
+    """A default run that fails (here the graphed Muon run, made to raise) costs that run alone."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import gpu
+    ran = []
+
+    def one_run(run, flags, device, out_dir):
+        ran.append(run.name)
+        if run.name == "muon":
+            raise RuntimeError("train.py exited 1: ['loss is nan at step 3']")
+        return dict(numbers, records=[dict(step=0, val_loss=9.0), dict(step=50, val_loss=4.0)])
+    numbers = dict(best_val_loss=4.0, best_val_bpb=1.5, best_step=50, steps=50, ms_per_step=20.0, ms_per_step_warm=19.0,
+                   wall_s=3.0)
+    monkeypatch.setattr(gpu, "one_run", one_run)
+    monkeypatch.setattr(gpu, "RESULTS", {})
+    runs = gpu.default_run(argparse.Namespace(out=str(tmp_path), quick=False), torch.device("cpu"))
+    assert ran == ["muon", "adamw", "muon-eager-launches"]
+    assert runs["muon"] == {"error": "RuntimeError: train.py exited 1: ['loss is nan at step 3']"}
+    assert runs["adamw"] == runs["muon, eager launches"] == numbers  # records dropped
+    assert "muon_reaches_adamw_final_at_step" not in runs
 
 
 def test_ops_counts_what_each_path_dispatches(monkeypatch):
