@@ -217,6 +217,27 @@ def test_cuda_graphs_where_a_replay_is_the_whole_backward():
         assert not train.use_cuda_graphs(argparse.Namespace(**{**vars(args), **change}), device, model, world), change
 
 
+def test_why_graphed_gradients_cannot_accumulate():
+    """The reason for --grad-accum 1 above: a graphed backward (make_graphed_callables' autograd
+    Function, imitated here on the CPU) hands out its output buffer, and autograd keeps that very
+    buffer as .grad; the next backward rewrites the buffer, then adds it to itself."""
+    p, buffer = torch.nn.Parameter(torch.zeros(3)), torch.zeros(3)
+
+    class Replayed(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, w):
+            return w.sum().detach()
+
+        @staticmethod
+        def backward(ctx, grad):
+            buffer.copy_(grad.expand(3))  # what replaying the backward graph does: rewrite its buffer
+            return buffer.detach()
+    Replayed.apply(p).backward(torch.tensor(1.0))
+    assert p.grad.data_ptr() == buffer.data_ptr()
+    Replayed.apply(p).backward(torch.tensor(2.0))
+    assert p.grad.tolist() == [4.0] * 3  # not 1 + 2
+
+
 # %% resuming
 
 
