@@ -45,7 +45,8 @@ import bench  # noqa: E402
 from engine import Engine, FusedLoss, cuda_graphed  # noqa: E402
 from qwen3 import Qwen3, Qwen3Config, generate, hf_config  # noqa: E402
 
-SECTIONS = ("peaks", "correctness", "decode", "default-run", "train", "decode-compiled")  # in this order: the budget may run out
+# in this order: the budget may run out
+SECTIONS = ("peaks", "correctness", "decode", "default-run", "train", "decode-compiled")
 
 
 def parse_args():
@@ -393,7 +394,8 @@ def default_run(args, device):
         reach = next(((a, b) for a, b in zip(muon, muon[1:]) if a["val_loss"] > target >= b["val_loss"]), None)
         if reach:  # interpolated between evaluations
             a, b = reach
-            runs["muon_reaches_adamw_final_at_step"] = a["step"] + (b["step"] - a["step"]) * (a["val_loss"] - target) / (a["val_loss"] - b["val_loss"])
+            fraction = (a["val_loss"] - target) / (a["val_loss"] - b["val_loss"])
+            runs["muon_reaches_adamw_final_at_step"] = a["step"] + (b["step"] - a["step"]) * fraction
     for r in runs.values():
         if isinstance(r, dict):
             r.pop("records", None)
@@ -414,8 +416,8 @@ def one_run(run: Path, flags: list, device, out_dir: Path) -> dict:
     warm = records[1]  # the first evaluation after step 0: what came before it includes warming up
     shutil.copy(run / "curves.png", out_dir / f"curves-{run.name}.png")
     shutil.copy(run / "metrics.jsonl", out_dir / f"metrics-{run.name}.jsonl")
-    return dict(best_val_loss=best["val_loss"], best_val_bpb=best["val_bpb"], best_step=best["step"], steps=last["step"],
-                steps_s=last["steps_s"], elapsed_s=last["elapsed_s"], wall_s=wall,
+    return dict(best_val_loss=best["val_loss"], best_val_bpb=best["val_bpb"], best_step=best["step"],
+                steps=last["step"], steps_s=last["steps_s"], elapsed_s=last["elapsed_s"], wall_s=wall,
                 ms_per_step=1000 * last["steps_s"] / last["step"],
                 ms_per_step_warm=1000 * (last["steps_s"] - warm["steps_s"]) / max(1, last["step"] - warm["step"]),
                 records=records)
