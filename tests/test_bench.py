@@ -108,6 +108,29 @@ def test_gpu_summary_reads_partial_results_and_the_compile_break_even(monkeypatc
     assert "decode-compiled: skipped: 10 s left" in text
 
 
+def test_gpu_scripts_graphs_row_checks_then_times(monkeypatch):
+    """The train section's graphs row runs only on CUDA, so here engine.cuda_graphed is stood in for
+    by the eager loss itself (which the row's check must then find equal, to the last bit)."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import gpu
+    recorded = []
+
+    def stand_in(loss, batch_size, seq_len, dtype):
+        recorded.append((batch_size, seq_len, dtype))
+        return loss
+    monkeypatch.setattr(gpu, "cuda_graphed", stand_in)
+    monkeypatch.setattr(gpu, "RESULTS", {})
+    cfg = Qwen3Config(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, head_dim=16, max_position_embeddings=64)
+    out = {}
+    gpu.train_rows(argparse.Namespace(repeats=1), torch.device("cpu"), cfg, 2, 64, compile_too=False, out=out,
+                   graphs_too=True)
+    assert recorded == [(2, 64, torch.bfloat16)]
+    row = out["graphs"]
+    assert row["graphs_loss_rel_diff"] == 0 and row["graphs_grad_rel_err"] == 0 and row["step_ms_ours"] > 0
+    assert set(out) == {"eager", "graphs"}
+
+
 def test_gpu_script_keeps_the_runs_beside_a_failing_one(tmp_path, monkeypatch):
     """A default run that fails (here the graphed Muon run, made to raise) costs that run alone."""
     monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
