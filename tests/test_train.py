@@ -217,6 +217,41 @@ def test_cuda_graphs_where_a_replay_is_the_whole_backward():
         assert not train.use_cuda_graphs(argparse.Namespace(**{**vars(args), **change}), device, model, world), change
 
 
+def test_training_on_a_graphs_reused_gradient_buffers_is_unchanged(cache, tmp_path, monkeypatch):
+    """With CUDA graphs every backward writes the same buffers, which autograd hands on as .grad
+    (below). Imitated on the CPU (a backward that recomputes the loss and writes its gradients into
+    buffers it keeps), train.py's steps (clipping in place, Muon and AdamW) train the same weights
+    to the last bit as with fresh gradients: nothing holds a gradient from one step to the next."""
+    def imitate_graphs(loss, batch_size, seq_len, autocast_dtype):
+        params, forward = list(loss.parameters()), loss.forward
+        buffers = [torch.zeros_like(p) for p in params]
+
+        class Replayed(torch.autograd.Function):
+            @staticmethod
+            def forward(ctx, x, y, *weights):
+                ctx.save_for_backward(x, y)
+                return forward(x, y)
+
+            @staticmethod
+            def backward(ctx, grad):
+                with torch.enable_grad():
+                    grads = torch.autograd.grad(forward(*ctx.saved_tensors), params, grad)
+                for buffer, g in zip(buffers, grads):
+                    buffer.copy_(g)
+                return (None, None, *(b.detach() for b in buffers))
+        loss.forward = lambda x, y: Replayed.apply(x, y, *params)
+        return loss
+
+    common = ["--max-steps", "6", "--eval-every", "6", "--grad-clip", "0.5"]
+    assert run(cache, tmp_path / "fresh", *common) == 0
+    monkeypatch.setattr(train, "use_cuda_graphs", lambda *a: True)
+    monkeypatch.setattr(train, "cuda_graphed", imitate_graphs)
+    assert run(cache, tmp_path / "reused", *common) == 0
+    a, b = from_pretrained(tmp_path / "fresh" / "last"), from_pretrained(tmp_path / "reused" / "last")
+    for (name, pa), pb in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(pa, pb), name
+
+
 def test_why_graphed_gradients_cannot_accumulate():
     """The reason for --grad-accum 1 above: a graphed backward (make_graphed_callables' autograd
     Function, imitated here on the CPU) hands out its output buffer, and autograd keeps that very
