@@ -362,7 +362,7 @@ def train_step(run: Run, state: RunState) -> float:
         torch.nn.utils.clip_grad_norm_(run.model.parameters(), args.grad_clip)  # on the device: no wait
     for opt in run.optimizers:
         opt.step()
-        opt.zero_grad(set_to_none=True)
+        opt.zero_grad(set_to_none=True)  # not zeroed in place: under CUDA graphs .grad is the graph's own buffer
     state.step += 1
     return loss_value
 
