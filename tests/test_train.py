@@ -217,11 +217,13 @@ def test_cuda_graphs_where_a_replay_is_the_whole_backward():
         assert not train.use_cuda_graphs(argparse.Namespace(**{**vars(args), **change}), device, model, world), change
 
 
-def test_training_on_a_graphs_reused_gradient_buffers_is_unchanged(cache, tmp_path, monkeypatch):
-    """With CUDA graphs every backward writes the same buffers, which autograd hands on as .grad
-    (below). Imitated on the CPU (a backward that recomputes the loss and writes its gradients into
-    buffers it keeps), train.py's steps (clipping in place, Muon and AdamW) train the same weights
-    to the last bit as with fresh gradients: nothing holds a gradient from one step to the next."""
+def test_training_on_a_graphs_reused_gradient_buffers(cache, tmp_path, monkeypatch):
+    """Under CUDA graphs every backward writes the same buffers, and autograd hands each one on as
+    .grad itself. Imitated on the CPU (a backward that recomputes the loss and writes its gradients
+    into buffers it keeps), train.py's steps (clipping in place, Muon and AdamW) train the same
+    weights to the last bit as with fresh gradients: nothing holds a gradient from one step to the
+    next. With two micro-batches a step they do not (the second backward rewrites the buffer .grad
+    is, then adds it to itself): why use_cuda_graphs asks for --grad-accum 1."""
     def imitate_graphs(loss, batch_size, seq_len, autocast_dtype):
         params, forward = list(loss.parameters()), loss.forward
         buffers = [torch.zeros_like(p) for p in params]
@@ -237,40 +239,23 @@ def test_training_on_a_graphs_reused_gradient_buffers_is_unchanged(cache, tmp_pa
                 with torch.enable_grad():
                     grads = torch.autograd.grad(forward(*ctx.saved_tensors), params, grad)
                 for buffer, g in zip(buffers, grads):
-                    buffer.copy_(g)
+                    buffer.copy_(g)  # what replaying a backward graph does: rewrite its own buffers
                 return (None, None, *(b.detach() for b in buffers))
         loss.forward = lambda x, y: Replayed.apply(x, y, *params)
         return loss
 
-    common = ["--max-steps", "6", "--eval-every", "6", "--grad-clip", "0.5"]
-    assert run(cache, tmp_path / "fresh", *common) == 0
-    monkeypatch.setattr(train, "use_cuda_graphs", lambda *a: True)
-    monkeypatch.setattr(train, "cuda_graphed", imitate_graphs)
-    assert run(cache, tmp_path / "reused", *common) == 0
-    a, b = from_pretrained(tmp_path / "fresh" / "last"), from_pretrained(tmp_path / "reused" / "last")
-    for (name, pa), pb in zip(a.state_dict().items(), b.state_dict().values()):
-        assert torch.equal(pa, pb), name
+    def weights(out, accum, graphs):
+        with monkeypatch.context() as m:
+            if graphs:
+                m.setattr(train, "use_cuda_graphs", lambda *a: True)
+                m.setattr(train, "cuda_graphed", imitate_graphs)
+            assert run(cache, out, "--max-steps", "6", "--eval-every", "6", "--grad-clip", "0.5",
+                       "--grad-accum", accum) == 0
+        return from_pretrained(out / "last").state_dict().values()
 
-
-def test_why_graphed_gradients_cannot_accumulate():
-    """The reason for --grad-accum 1 above: a graphed backward (make_graphed_callables' autograd
-    Function, imitated here on the CPU) hands out its output buffer, and autograd keeps that very
-    buffer as .grad; the next backward rewrites the buffer, then adds it to itself."""
-    p, buffer = torch.nn.Parameter(torch.zeros(3)), torch.zeros(3)
-
-    class Replayed(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, w):
-            return w.sum().detach()
-
-        @staticmethod
-        def backward(ctx, grad):
-            buffer.copy_(grad.expand(3))  # what replaying the backward graph does: rewrite its buffer
-            return buffer.detach()
-    Replayed.apply(p).backward(torch.tensor(1.0))
-    assert p.grad.data_ptr() == buffer.data_ptr()
-    Replayed.apply(p).backward(torch.tensor(2.0))
-    assert p.grad.tolist() == [4.0] * 3  # not 1 + 2
+    for accum, same in (("1", True), ("2", False)):
+        fresh, reused = (weights(tmp_path / f"{accum}-{graphs}", accum, graphs) for graphs in (False, True))
+        assert all(torch.equal(a, b) for a, b in zip(fresh, reused)) == same, accum
 
 
 # %% resuming
