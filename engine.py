@@ -210,6 +210,11 @@ class FusedLoss(nn.Module):
         return loss + self.model.aux_loss()  # a mixture of experts' load balancing, if on
 
 
+def graphable(model: Qwen3) -> bool:
+    """Whether the training pass can be a CUDA graph: dense (moe_forward sizes its groups on the host)."""
+    return not any(isinstance(layer.mlp, MoE) for layer in model.model.layers)
+
+
 def cuda_graphed(loss: FusedLoss, batch_size: int, seq_len: int, autocast_dtype=None) -> FusedLoss | None:
     """loss, its forward and backward each recorded once as a CUDA graph and replayed at every call
     (torch.cuda.make_graphed_callables, after three warm-up passes that change no weight), for
@@ -218,7 +223,7 @@ def cuda_graphed(loss: FusedLoss, batch_size: int, seq_len: int, autocast_dtype=
     optimizer step (no accumulation), then zero_grad(set_to_none=True). A graph cannot wait for
     the host, so a mixture of experts (it reads its groups' sizes) is refused. Returns loss itself,
     its forward now replaying the graphs; None if recording failed (with a warning; loss as it was)."""
-    if any(isinstance(layer.mlp, MoE) for layer in loss.model.model.layers):
+    if not graphable(loss.model):
         raise ValueError("a mixture of experts reads its groups' sizes back from the GPU: no CUDA graph")
     ids = torch.zeros(batch_size, seq_len, dtype=torch.long, device=loss.model.lm_head.weight.device)
     try:  # autocast's cache of cast weights would outlive the recording: graphs refuse it

@@ -48,7 +48,7 @@ from checkpoint import (check_out_dir, check_outside_saves, open_out_dir, own_ou
                         release_out_dirs, restore_training_state, save_checkpoint, training_state)
 from common import UserError, error, pick_device
 from data import Batches, TokenData, fixed_starts, prepare_data, split_bytes, windows
-from engine import FastMuon, FusedLoss, cuda_graphed
+from engine import FastMuon, FusedLoss, cuda_graphed, graphable
 from guards import CheckpointError
 from plots import redraw_curves
 from qwen3 import MoE, Muon, Qwen3, configure_optimizers, from_pretrained
@@ -200,8 +200,7 @@ def use_cuda_graphs(args, device: torch.device, model: Qwen3, world: int) -> boo
     """Whether the training loss is replayed as CUDA graphs: on CUDA unless --no-cuda-graphs, for
     one process taking one micro-batch a step (a replay overwrites the last backward's gradients,
     so none accumulate, and DDP's hooks stay out of the graph), a dense model, not --compile."""
-    dense = not any(isinstance(layer.mlp, MoE) for layer in model.model.layers)
-    return (device.type == "cuda" and args.cuda_graphs and world == 1 and args.grad_accum == 1 and dense
+    return (device.type == "cuda" and args.cuda_graphs and world == 1 and args.grad_accum == 1 and graphable(model)
             and not args.compile)
 
 
