@@ -429,7 +429,11 @@ def attempt(fn, what: str) -> dict:
         return fn()
     except Exception as e:  # noqa: BLE001  recorded, printed, and the next row goes on
         print(f"  {what}: {traceback.format_exc()[-2000:]}", file=sys.stderr, flush=True)
-        return {"error": f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"}
+        return {"error": error_line(e)}
+
+
+def error_line(e: Exception) -> str:
+    return f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"
 
 
 # %% the budget, the run, the table
@@ -514,8 +518,7 @@ def main():
         try:
             RESULTS[name] = fn(args, device)
         except Exception as e:  # one section's failure is recorded beside what it measured; the next goes on
-            RESULTS.setdefault(name, {}).update(error=f"{type(e).__name__}: {' '.join(str(e).split())[:300]}",
-                                                traceback=traceback.format_exc()[-3000:])
+            RESULTS.setdefault(name, {}).update(error=error_line(e), traceback=traceback.format_exc()[-3000:])
             print(RESULTS[name]["traceback"], file=sys.stderr, flush=True)
         RESULTS.setdefault("section_seconds", {})[name] = time.perf_counter() - t0
         Path(args.out, "gpu.json").write_text(json.dumps(RESULTS, indent=2, default=str) + "\n")
