@@ -18,9 +18,11 @@ is left of --minutes is skipped):
                  with the bound: weight bytes per step over the measured copy bandwidth
     default-run  `python train.py` (the GPU defaults: CUDA graphs) with Muon, with --optimizer adamw,
                  and with Muon launching eagerly (--no-cuda-graphs, 150 steps): ms a step of each
-    train        a training step (AdamW, bf16 autocast) of the seed config, eager, replaying CUDA graphs
-                 (checked against eager first) and compiled, and of Qwen3-0.6B's shape (B=4, T=2048),
-                 with MFU, peak memory and CUDA kernels per step, and after how many steps compiling
+    train        the default run's update alone (gradient clipping and the optimizer steps, Muon and
+                 AdamW: ms a step against its kernels' own ms); a training step (AdamW, bf16 autocast)
+                 of the seed config, eager, replaying CUDA graphs (checked against eager first) and
+                 compiled, and of Qwen3-0.6B's shape (B=4, T=2048), with MFU, peak memory, CUDA
+                 kernels per step and how busy they keep the GPU, and after how many steps compiling
                  pays for its first step
     decode-compiled  Qwen3-0.6B's shape, batch 1, through the graph of the compiled step, with its
                  compile time: last, since that compile may take minutes
@@ -42,8 +44,9 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 import bench  # noqa: E402
-from engine import Engine, FusedLoss, cuda_graphed  # noqa: E402
-from qwen3 import Qwen3, Qwen3Config, generate, hf_config  # noqa: E402
+import flags  # noqa: E402
+from engine import Engine, FastMuon, FusedLoss, cuda_graphed  # noqa: E402
+from qwen3 import Qwen3, Qwen3Config, configure_optimizers, generate, hf_config  # noqa: E402
 
 # in this order: the budget may run out
 SECTIONS = ("peaks", "correctness", "decode", "default-run", "train", "decode-compiled")
@@ -110,17 +113,17 @@ def rel_err(got, want):
     return ((got.float() - want.float()).abs().max() / want.float().abs().max()).item()
 
 
-def kernels_per_call(fn, device):
-    """How many kernels one call of fn launches on the GPU (torch.profiler); None on a CPU."""
-    if device.type != "cuda":
-        return None
+def kernels_per_call(fn, device) -> tuple[int, float]:
+    """How many kernels one call of fn launches on the GPU, and the ms they run for in all: where
+    that is far below the call's time, the GPU waits for the CPU to launch them (torch.profiler)."""
     from torch.profiler import ProfilerActivity, profile
     fn()
     sync(device)
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         fn()
         sync(device)
-    return sum(1 for e in prof.events() if e.device_type.name == "CUDA")
+    kernels = [e for e in prof.events() if e.device_type.name == "CUDA"]
+    return len(kernels), sum(e.time_range.elapsed_us() for e in kernels) / 1000
 
 
 # %% sections
@@ -336,7 +339,8 @@ def train_rows(args, device, cfg, B, T, compile_too, out, graphs_too=False):
                 s()
                 row[f"peak_gib_{side}"] = torch.cuda.max_memory_allocated(device) / 2**30
             if mode == "eager":
-                row["kernels_ours"], row["kernels_transformers"] = (kernels_per_call(s, device) for s in steps)
+                (row["kernels_ours"], row["kernel_ms_ours"]), (row["kernels_transformers"], row["kernel_ms_transformers"]) = (
+                    kernels_per_call(s, device) for s in steps)
         print(f"  train {mode}: {row}", flush=True)
         return row
 
@@ -355,6 +359,31 @@ def pays_after(eager: dict, compiled: dict, side: str) -> float | None:
     return max(0.0, extra_s) / saved_s if saved_s > 0 else None
 
 
+def optimizer_steps(args, device, cfg) -> dict:
+    """train.py's update alone, after the gradients (clip_grad_norm_ at its default --grad-clip 1,
+    then each optimizer's step), with Muon and with AdamW: ms a step and, on CUDA, its kernels' own
+    ms. The gap between the two is the CPU launching them: what a CUDA graph of the update would save."""
+    with torch.device(device):
+        model = Qwen3(cfg)
+    for p in model.parameters():
+        p.grad = 1e-3 * torch.randn_like(p)  # kept: the same gradients every step
+
+    def update(optimizers):
+        def step():
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            for opt in optimizers:
+                opt.step()
+        return step
+    steps = {name: update(configure_optimizers(model, name, muon=FastMuon)) for name in ("muon", "adamw")}
+    rows = {}
+    for (name, step), t in zip(steps.items(), median_time(list(steps.values()), device, args.repeats)):
+        rows[name] = dict(step_ms=1000 * t)
+        if device.type == "cuda":
+            rows[name]["kernels"], rows[name]["kernel_ms"] = kernels_per_call(step, device)
+        print(f"  optimizer step {name}: {rows[name]}", flush=True)
+    return rows
+
+
 def train(args, device):
     out = RESULTS["train"] = {}  # filled row by row: a failure keeps the rows before it
     if args.quick:
@@ -362,7 +391,11 @@ def train(args, device):
                           num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=64)
         train_rows(args, device, cfg, 2, 64, compile_too=False, out=out.setdefault("tiny", {}),
                    graphs_too=device.type == "cuda")
+        out["tiny, the update alone"] = attempt(lambda: optimizer_steps(args, device, cfg), "optimizer steps")
         return out
+    gpu = flags.DEVICE_DEFAULTS["gpu"]  # the default run's model, as train.py builds it on a GPU
+    cfg = Qwen3Config.preset(gpu["preset"], vocab_size=gpu["vocab_size"], max_position_embeddings=gpu["seq_len"])
+    out["default run's model, the update alone"] = attempt(lambda: optimizer_steps(args, device, cfg), "optimizer steps")
     train_rows(args, device, Qwen3Config.preset("seed", max_position_embeddings=512), 24, 512, compile_too=left() > 100,
                out=out.setdefault("seed, B=24, T=512", {}), graphs_too=device.type == "cuda")  # where graphs pay
     torch.cuda.empty_cache()
@@ -380,10 +413,10 @@ def default_run(args, device):
     RESULTS["default-run"] = runs  # filled as it goes
     quick = ["--max-steps", "20", "--eval-every", "10", "--preset", "cpu", "--seq-len", "64", "--batch-size", "4",
              "--vocab-size", "512", "--eval-batches", "1"] if args.quick else []
-    for name, flags in (("muon", []), ("adamw", ["--optimizer", "adamw"]),
+    for name, extra in (("muon", []), ("adamw", ["--optimizer", "adamw"]),
                         ("muon, eager launches", ["--no-cuda-graphs", "--max-steps", "150"])):
         run = work / name.replace(", ", "-").replace(" ", "-")  # stays here; its metrics and curves go to --out
-        runs[name] = attempt(lambda: one_run(run, [*flags, *quick], device, out_dir), f"default run {name}")
+        runs[name] = attempt(lambda: one_run(run, [*extra, *quick], device, out_dir), f"default run {name}")
         if "error" not in runs[name]:
             r = runs[name]
             print(f"  default run {name}: best val {r['best_val_loss']:.4f} ({r['best_val_bpb']:.3f} bpb) at step "
@@ -454,10 +487,10 @@ def summary(res):
         lines.append(f"peaks: bf16 matmul {p['matmul_tflops']:.0f} TFLOP/s, copy {p['copy_gb_per_s']:.0f} GB/s")
     for name, r in res.get("correctness", {}).items():
         if isinstance(r, dict):
-            flags = [k for k, v in r.items() if v is False]
+            unequal = [k for k, v in r.items() if v is False]
             lines.append(f"correct {name}: fp32 rel err {r['fp32_logits_rel_err']:.1e}, bf16 ours/theirs "
                          f"{r['bf16_logits_rel_err_ours']:.1e}/{r['bf16_logits_rel_err_transformers']:.1e}, "
-                         + ("all token checks equal" if not flags else f"NOT EQUAL: {', '.join(flags)}"))
+                         + ("all token checks equal" if not unequal else f"NOT EQUAL: {', '.join(unequal)}"))
     for name, r in [*res.get("decode", {}).items(), *res.get("decode-compiled", {}).items()]:
         if isinstance(r, dict) and "ratio" in r:
             bound = f", {r['fraction_of_bound_steps']:.2f} of the bound" if "fraction_of_bound_steps" in r else ""
@@ -467,13 +500,20 @@ def summary(res):
             bound = f", {r['fraction_of_bound_steps']:.2f} of the bound" if "fraction_of_bound_steps" in r else ""
             lines.append(f"decode {name:<22} ours {r['tokens_per_s_ours']:>8,.0f} tok/s{bound}")
     for shape, modes in res.get("train", {}).items():
+        if isinstance(modes, dict) and isinstance(modes.get("error"), str):  # a row that failed as a whole
+            lines.append(f"train {shape}: {modes['error']}")
         for mode, r in (modes.items() if isinstance(modes, dict) else ()):
             if isinstance(r, dict) and "error" in r:
                 lines.append(f"train {shape} {mode}: {r['error']}")
             elif isinstance(r, dict) and "ratio" in r:
                 mfu = f", MFU {100 * r['mfu_ours']:.1f}% vs {100 * r['mfu_transformers']:.1f}%" if "mfu_ours" in r else ""
+                busy = (f", GPU busy {r['kernel_ms_ours'] / r['step_ms_ours']:.0%} vs "
+                        f"{r['kernel_ms_transformers'] / r['step_ms_transformers']:.0%}") if "kernel_ms_ours" in r else ""
                 lines.append(f"train {shape} {mode:<8} ours {r['tokens_per_s_ours']:>10,.0f} tok/s  transformers "
-                             f"{r['tokens_per_s_transformers']:>10,.0f}  {r['ratio']:5.2f}x{mfu}")
+                             f"{r['tokens_per_s_transformers']:>10,.0f}  {r['ratio']:5.2f}x{mfu}{busy}")
+            elif isinstance(r, dict) and "step_ms" in r:  # the update alone
+                busy = f", its {r['kernels']} kernels {r['kernel_ms']:.2f} ms" if "kernels" in r else ""
+                lines.append(f"train {shape}, {mode}: {r['step_ms']:.2f} ms a step{busy}")
         pays = modes.get("compile_pays_after_steps") if isinstance(modes, dict) else None
         if pays:
             lines.append(f"train {shape}: compiling pays after " + ", ".join(

@@ -72,12 +72,14 @@ def test_gpu_script_runs_every_section_at_tiny_shapes(tmp_path):
     assert {"tiny, batch 1", "tiny, batch 8"} <= set(res["decode"])
     assert res["decode-compiled"]["tiny, batch 1, compiled graph"]["greedy_agreement_with_eager_graph"] == 1.0
     assert res["train"]["tiny"]["eager"]["step_ms_ours"] > 0
+    assert all(res["train"]["tiny, the update alone"][name]["step_ms"] > 0 for name in ("muon", "adamw"))
     assert {p.name for p in tmp_path.iterdir()} >= {"curves-muon.png", "curves-adamw.png", "metrics-muon.jsonl",
                                                     "run-adamw.log", "run-muon-eager-launches.log"}
     runs = res["default-run"]
     assert runs["muon, eager launches"]["steps"] == 20 and runs["muon"]["ms_per_step_warm"] > 0
     assert "default run muon:" in out and "default run muon, eager launches: 20 steps" in out
     assert "train tiny eager" in out and "decode tiny, batch 1, compiled graph" in out
+    assert "train tiny, the update alone, muon: " in out
 
 
 def test_gpu_summary_reads_partial_results_and_the_compile_break_even(monkeypatch):
@@ -90,10 +92,11 @@ def test_gpu_summary_reads_partial_results_and_the_compile_break_even(monkeypatc
     row = dict(tokens_per_s_ours=1000.0, tokens_per_s_transformers=500.0, ratio=2.0)
     res = dict(device="GPU", torch="2", transformers="5", date="today", peaks={"error": "RuntimeError: x"},
                decode={"seed, batch 1": {**row, "engine_mode": "graph"}, "error": "ValueError: y", "traceback": "..."},
-               train={"seed": {"eager": {**row, **eager}, "compiled": {**row, **compiled},
-                               "graphs": {"error": "RuntimeError: capture"},
+               train={"seed": {"eager": {**row, **eager, "kernel_ms_ours": 7.5, "kernel_ms_transformers": 4.0},
+                               "compiled": {**row, **compiled}, "graphs": {"error": "RuntimeError: capture"},
                                "compile_pays_after_steps": {"ours": 2000.0, "transformers": None}},
-                      "error": "OutOfMemoryError: z"},
+                      "update": {"muon": dict(step_ms=3.5, kernels=180, kernel_ms=1.25), "adamw": dict(step_ms=0.25)},
+                      "update, failed": {"error": "RuntimeError: w"}, "error": "OutOfMemoryError: z"},
                **{"default-run": {"muon": {"error": "RuntimeError: train.py exited 1"}, "adamw": dict(
                    steps=600, best_val_bpb=1.5, ms_per_step=20.0, ms_per_step_warm=19.0, wall_s=30.0)},
                   "decode-compiled": {"skipped": "skipped: 10 s left of the budget"}})
@@ -103,6 +106,9 @@ def test_gpu_summary_reads_partial_results_and_the_compile_break_even(monkeypatc
     assert "compiling pays after 2,000 steps (ours), never (transformers)" in text
     assert "peaks: RuntimeError: x" in text and "decode: ValueError: y" in text and "train: OutOfMemoryError: z" in text
     assert "train seed graphs: RuntimeError: capture" in text
+    assert "MFU" not in text and "2.00x, GPU busy 25% vs 20%" in text  # kernels' ms over the step's
+    assert "train update, muon: 3.50 ms a step, its 180 kernels 1.25 ms" in text
+    assert "train update, adamw: 0.25 ms a step" in text and "train update, failed: RuntimeError: w" in text
     assert "default run muon: RuntimeError: train.py exited 1" in text
     assert "default run adamw: 600 steps, 1.500 bpb, 20.0 ms a step (19.0 warm)" in text
     assert "decode-compiled: skipped: 10 s left" in text
