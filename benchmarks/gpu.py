@@ -360,17 +360,18 @@ def pays_after(eager: dict, compiled: dict, side: str) -> float | None:
 
 
 def optimizer_steps(args, device, cfg) -> dict:
-    """train.py's update alone, after the gradients (clip_grad_norm_ at its default --grad-clip 1,
+    """train.py's update alone, after the gradients (clip_grad_norm_ at its default --grad-clip,
     then each optimizer's step), with Muon and with AdamW: ms a step and, on CUDA, its kernels' own
     ms. The gap between the two is the CPU launching them: what a CUDA graph of the update would save."""
     with torch.device(device):
         model = Qwen3(cfg)
     for p in model.parameters():
         p.grad = 1e-3 * torch.randn_like(p)  # kept: the same gradients every step
+    clip = flags.build_parser().get_default("grad_clip")
 
     def update(optimizers):
         def step():
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
             for opt in optimizers:
                 opt.step()
         return step
