@@ -36,8 +36,9 @@ def describe(run, state, resuming: bool):
         f"({lrs}), device {run.device.type}{ranks}, {args.dtype}" + (", compiled" if args.compile else "")
         + (", CUDA graphs" if run.cuda_graphs else "")
         + (f"; resuming at step {state.step}" if resuming else ""))
-    say("the bar's batch_loss is the loss of the batch just trained on, in training mode (--dropout on); 'eval:' "
-        "lines score the same fixed windows of each split in eval mode, comparable from one to the next")
+    say("the bar's batch_loss is the loss of the last batch trained on (read a step late: the loop does not wait "
+        "for the device), in training mode (--dropout on); 'eval:' lines score the same fixed windows of each "
+        "split in eval mode, comparable from one to the next")
 
 
 def show_sample(label: str, text: str) -> str:

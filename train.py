@@ -257,7 +257,7 @@ def evaluate_and_save(run: Run, state: RunState, write):
     """What happens between steps: at an evaluation step, score both splits, log them and keep a
     new best in best/; then save last/ at evaluations and every --save-every steps."""
     args, step = run.args, state.step
-    evaluating = step % args.eval_every == 0 or step == args.max_steps
+    evaluating, saving = due(args, step)
     if evaluating:
         train_scores, val = evaluate(run, "train"), evaluate(run, "val")
         train_loss, val_loss = train_scores["loss"], val["loss"]
@@ -277,8 +277,14 @@ def evaluate_and_save(run: Run, state: RunState, write):
             state.best_val_loss, state.best_step = val_loss, step
             if run.rank == 0:
                 save_checkpoint(run.out, "best", run.model, run.data.tokenizer)
-    if step > 0 and (evaluating or (args.save_every and step % args.save_every == 0)):
+    if saving:
         save_last(run, state)
+
+
+def due(args, step: int) -> tuple[bool, bool]:
+    """Whether the end of `step` is evaluated, and whether last/ is saved there."""
+    evaluating = step % args.eval_every == 0 or step == args.max_steps
+    return evaluating, step > 0 and (evaluating or bool(args.save_every and step % args.save_every == 0))
 
 
 def save_last(run: Run, state: RunState):
@@ -306,6 +312,9 @@ def save_last(run: Run, state: RunState):
 # once, in the step's last backward (no_sync skips the others), so every rank holds the
 # single-process gradient, clips the global norm and takes the same step. Ctrl-C and SIGTERM save
 # last/ and stop at the end of the step (stopping.py).
+# The CPU only queues a step's work; the loop reads the loss of the step before once the next is
+# queued, so a GPU computes one step while the CPU launches the next. A non-finite loss stops the
+# run there, before any save: the step after it has run, but last/ and best/ never hold it.
 
 
 def lr_multiplier(step: int, max_steps: int, warmup_frac: float, min_lr_frac: float,
@@ -326,8 +335,29 @@ def muon_momentum(step: int, max_steps: int, warmup_frac: float) -> float:
     return 0.95 if step >= warmup else 0.85 + 0.10 * step / warmup
 
 
-def train_step(run: Run, state: RunState) -> float:
-    """One optimizer step, from state.step to state.step + 1; returns the global batch's mean loss."""
+class StepLoss:
+    """A step's loss (the global batch's mean) on its way from the device to the host."""
+
+    def __init__(self, loss: torch.Tensor, step: int, last_good: str):
+        cuda = loss.device.type == "cuda"
+        self.host = torch.empty((), pin_memory=cuda).copy_(loss, non_blocking=cuda)  # pinned: copied, not waited for
+        self.copied = torch.cuda.Event() if cuda else None
+        if self.copied is not None:
+            self.copied.record()
+        self.step, self.last_good = step, last_good
+
+    def read(self) -> float:
+        """Waits for the loss (and for nothing queued after it); a non-finite one stops the run."""
+        if self.copied is not None:
+            self.copied.synchronize()
+        value = self.host.item()
+        if not math.isfinite(value):
+            raise UserError(f"loss is {value} at step {self.step}; stopped. Last good checkpoint: {self.last_good}")
+        return value
+
+
+def train_step(run: Run, state: RunState) -> StepLoss:
+    """One optimizer step, from state.step to state.step + 1, queued on the device: nothing waits for it."""
     args, step = run.args, state.step
     for opt in run.optimizers:
         for group in opt.param_groups:
@@ -347,23 +377,17 @@ def train_step(run: Run, state: RunState) -> float:
                 loss = run.fused_loss(x, y)
             (loss / run.accum).backward()
         loss_sum += loss.detach()
-    # The step's one wait for the device: the loss, before the update, so that a non-finite loss stops
-    # the run with the weights and optimizer states as they were (last/ keeps the last good state).
     loss = loss_sum / run.accum
     if run.world > 1:
-        dist.all_reduce(loss)
-    loss_value = loss.item() / run.world  # the global batch's mean, the same on every rank: all stop together
-    if not math.isfinite(loss_value):
-        kept = f"{run.last} (step {state.saved_at})" if state.saved_at is not None else None
-        raise UserError(f"loss is {loss_value} at step {step + 1}; stopped. "
-                        f"Last good checkpoint: {kept or 'none, nothing was saved yet'}")
+        dist.all_reduce(loss)  # the global batch's mean, the same on every rank: all stop together
+    kept = f"{run.last} (step {state.saved_at})" if state.saved_at is not None else "none, nothing was saved yet"
     if args.grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(run.model.parameters(), args.grad_clip)  # on the device: no wait
     for opt in run.optimizers:
         opt.step()
         opt.zero_grad(set_to_none=True)  # not zeroed in place: under CUDA graphs .grad is the graph's own buffer
     state.step += 1
-    return loss_value
+    return StepLoss(loss / run.world, state.step, kept)
 
 
 def train(args, device: torch.device, info: dict | None, started: float) -> int:
@@ -388,6 +412,7 @@ def train(args, device: torch.device, info: dict | None, started: float) -> int:
           StopRequest(run.last, bar.write if run.rank == 0 else lambda s: None) as stop):
         start_time, start_elapsed = time.perf_counter(), state.elapsed_s
         run.model.train()
+        in_flight, loss_value = None, None  # the last step's loss, not read yet; the last one read
         while True:
             state.elapsed_s = start_elapsed + time.perf_counter() - start_time
             if state.step != state.saved_at:
@@ -396,6 +421,8 @@ def train(args, device: torch.device, info: dict | None, started: float) -> int:
                 break
             signum = stop.agreed(device)
             if signum or state.step == args.stop_at:
+                if in_flight is not None:
+                    in_flight.read()  # nothing unread is saved
                 if state.saved_at != state.step:
                     save_last(run, state)
                 why = signal.Signals(signum).name if signum else f"--stop-at {args.stop_at}"
@@ -405,10 +432,16 @@ def train(args, device: torch.device, info: dict | None, started: float) -> int:
                 return 128 + signum if signum else 0
 
             t0 = time.perf_counter()
-            loss_value = train_step(run, state)
+            queued = train_step(run, state)
+            if in_flight is not None:
+                loss_value = in_flight.read()  # the step before's: the one wait for the device, once this one is queued
+            in_flight = queued
+            if any(due(args, state.step)):  # an evaluation or a save comes next: it must not hold an unread step
+                loss_value, in_flight = in_flight.read(), None
             state.steps_s += time.perf_counter() - t0
             bar.update(1)
-            bar.set_postfix(batch_loss=f"{loss_value:.3f}", lr=f"{run.optimizers[0].param_groups[0]['lr']:.2e}",
+            bar.set_postfix(batch_loss="-" if loss_value is None else f"{loss_value:.3f}",
+                            lr=f"{run.optimizers[0].param_groups[0]['lr']:.2e}",
                             tok_s=f"{run.tokens_per_step / (time.perf_counter() - t0):,.0f}")
 
     if args.sample_tokens > 0 and run.rank == 0:
@@ -431,7 +464,9 @@ def probe(run: Run, folder: str) -> tuple[list[float], float, float]:
                  run.device, None, log=quiet)
     state = RunState()
     open_out_dir(copy.out, overwrite=False, resumed_step=None)
-    steps = [budget.seconds(train_step, copy, state) for _ in range(budget.PROBE_STEPS)]
+    # each step read at once, timed whole: on a GPU a little longer than the loop's, which overlaps
+    # two steps, so the budget errs short
+    steps = [budget.seconds(lambda: train_step(copy, state).read()) for _ in range(budget.PROBE_STEPS)]
     t_eval = budget.seconds(evaluate_and_save, copy, state, quiet)
     t_end = (budget.seconds(report.sample, copy.model, copy.data.tokenizer, args.sample_tokens, run.device, args.seed)
              if args.sample_tokens > 0 and run.rank == 0 else 0.0)

@@ -333,10 +333,11 @@ def test_two_process_checkpoint_resumes_in_one_process(ddp, single, tmp_path):
 
 
 def test_inf_loss_on_one_rank_stops_both(ddp):
-    """Only rank 1's loss is inf, at step 3: both ranks stop there with the same one-line error."""
+    """Only rank 1's loss is inf, at step 3: both ranks stop there with the same one-line error (step
+    3, an evaluation step, is read before its evaluation: no step 4)."""
     jobs = [r["inf-on-rank-1"] for r in ddp[0]]
     assert [j["rc"] for j in jobs] == [[1]] * 2
-    assert len(jobs[0]["norms"]) == len(jobs[1]["norms"]) == 2
+    assert len(jobs[0]["norms"]) == len(jobs[1]["norms"]) == 3
     for j in jobs:
         assert j["stderr"].strip().splitlines() == [jobs[0]["stderr"].strip()]
         assert j["stderr"].startswith("error: loss is inf at step 3; stopped.")

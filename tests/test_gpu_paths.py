@@ -89,8 +89,7 @@ def test_a_dense_training_step_waits_for_nothing(optimizer):
     """FusedLoss as a GPU runs it (the plain logits: meta has a memory budget, as CUDA does), with
     dropout (the GPU default run's), its backward, the gradient clipping and the optimizers: no value
     read back. The loss's forward and backward, which engine.cuda_graphed records, take nothing from
-    the host either. train.py reads the loss once a step, on purpose (a non-finite loss stops the
-    run before the update)."""
+    the host either. train.py reads each step's loss once the next step is queued (tests/test_train.py)."""
     model = meta_model(**CONFIGS["windows, biases, tied"], dropout=0.1).train()
     loss_fn = engine.FusedLoss(model)
     ids = torch.zeros(2, 16, dtype=torch.long, device="meta")

@@ -579,6 +579,71 @@ def test_nan_loss_stops_and_keeps_the_checkpoint(ref, tmp_path, capsys):
     assert (out / "last" / "model.safetensors").read_bytes() == before
 
 
+@pytest.fixture
+def loop_events(monkeypatch):
+    """What the loop does, in order: ("forward", n, loss) for each training forward, ("read", step,
+    loss) for each loss the loop reads. Inside train_step a read-back of any tensor fails the run.
+    Set loop_events.inf_at = n to add inf to forward n's loss (its gradients stay finite)."""
+    events, item, step = [], torch.Tensor.item, train.train_step
+    forward, read = train.FusedLoss.forward, train.StepLoss.read
+
+    def forward_(self, *args, **kwargs):
+        loss = forward(self, *args, **kwargs)
+        n = sum(e[0] == "forward" for e in events) + 1
+        loss = loss + math.inf if n == getattr(record, "inf_at", None) else loss
+        events.append(("forward", n, item(loss)))
+        return loss
+
+    def read_(self):
+        events.append(("read", self.step, item(self.host)))
+        return read(self)
+
+    def refuse(*args):
+        raise AssertionError("a value read back inside train_step")
+
+    def train_step(run, state):
+        with pytest.MonkeyPatch.context() as m:
+            for name in ("item", "tolist", "__bool__", "__float__", "__int__", "__index__"):
+                m.setattr(torch.Tensor, name, refuse)
+            return step(run, state)
+
+    monkeypatch.setattr(train.FusedLoss, "forward", forward_)
+    monkeypatch.setattr(train.StepLoss, "read", read_)
+    monkeypatch.setattr(train, "train_step", train_step)
+    record = argparse.Namespace(events=events)
+    return record
+
+
+def test_a_step_is_queued_and_its_loss_read_once_the_next_is(cache, tmp_path, loop_events):
+    """train_step reads nothing back; the loop reads each step's loss once the next step is queued
+    (the CPU launches one step while a GPU computes the other), and reads at once a step that an
+    evaluation or a save follows. Each read is its own step's loss, exactly."""
+    assert run(cache, tmp_path / "out", "--max-steps", "6", "--eval-every", "3", "--save-every", "5") == 0
+    order = [(kind, n) for kind, n, _ in loop_events.events]
+    assert order == [("forward", 1), ("forward", 2), ("read", 1), ("forward", 3), ("read", 2), ("read", 3),
+                     ("forward", 4), ("forward", 5), ("read", 4), ("read", 5), ("forward", 6), ("read", 6)]
+    losses = {(kind, n): loss for kind, n, loss in loop_events.events}
+    assert all(losses["read", n] == losses["forward", n] for n in range(1, 7))
+
+
+@pytest.mark.parametrize("inf_at, flags, last_good, evaluated", [
+    (5, [], "last (step 3)", [0, 3]),  # read once step 6 is queued: stops before step 6's evaluation
+    (5, ["--stop-at", "5"], "last (step 3)", [0, 3]),  # read before --stop-at's save
+    (3, [], "none, nothing was saved yet", [0]),  # an evaluation step: read before it is evaluated
+])
+def test_a_non_finite_loss_read_late_never_reaches_a_save(cache, tmp_path, loop_events, capsys, inf_at, flags,
+                                                        last_good, evaluated):
+    loop_events.inf_at = inf_at
+    out = tmp_path / "out"
+    assert run(cache, out, "--max-steps", "9", "--eval-every", "3", *flags) == 1
+    line = one_error_line(capsys.readouterr().err)
+    assert line.startswith(f"error: loss is inf at step {inf_at}; stopped. Last good checkpoint: ")
+    assert line.endswith(last_good if last_good.startswith("none") else f"{out / last_good}")
+    assert [r["step"] for r in metrics(out)] == evaluated
+    if evaluated[-1]:
+        assert json.loads((out / "last" / "training_state.json").read_text())["step"] == evaluated[-1]
+
+
 def test_bad_input_in_a_real_process(cache, tmp_path):
     for args in (["--preset", "huge"], ["--data", "missing.txt"], ["--batch-size", "x"]):
         result = run_process(cache, tmp_path / "out", *args)

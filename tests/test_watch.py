@@ -141,7 +141,7 @@ def test_the_end_says_what_to_do_next(watched):
 
 
 def test_the_two_training_losses_are_told_apart(cache, tmp_path, monkeypatch):
-    """The bar's loss (the batch just trained, dropout on) and the evaluation lines' train loss
+    """The bar's loss (the last batch trained, dropout on) and the evaluation lines' train loss
     (fixed windows, eval mode) differ: each is labelled, and a line at the start says why."""
     import tqdm
     bar, stdout = io.StringIO(), io.StringIO()
@@ -152,8 +152,9 @@ def test_the_two_training_losses_are_told_apart(cache, tmp_path, monkeypatch):
     assert re.search(r"batch_loss=\d+\.\d{3}", shown) and "loss=" not in shown.replace("batch_loss=", "")
     evals = [line for line in stdout.getvalue().splitlines() if line.startswith("step ")]
     assert len(evals) == 2 and all("| eval: train loss " in line for line in evals)
-    assert "the bar's batch_loss is the loss of the batch just trained on, in training mode (--dropout on); " \
-           "'eval:' lines score the same fixed windows of each split in eval mode" in stdout.getvalue()
+    assert "the bar's batch_loss is the loss of the last batch trained on (read a step late: the loop does not " \
+           "wait for the device), in training mode (--dropout on); 'eval:' lines score the same fixed windows of " \
+           "each split in eval mode" in stdout.getvalue()
 
 
 # %% curves.png
