@@ -17,7 +17,9 @@ is left of --minutes is skipped):
                  transformers' generate, batch 1 and 8, seed config and Qwen3-0.6B's shape, each
                  with the bound: weight bytes per step over the measured copy bandwidth
     default-run  `python train.py` (the GPU defaults: CUDA graphs) with Muon, with --optimizer adamw,
-                 and with Muon launching eagerly (--no-cuda-graphs, 150 steps): ms a step of each
+                 and with Muon launching eagerly (--no-cuda-graphs, 150 steps): ms a step of each;
+                 then 30 steps in this process with torch's sync debug mode armed inside each step:
+                 the times a step waited for the device, and where (expected: never)
     train        the default run's update alone (gradient clipping and the optimizer steps, Muon and
                  AdamW: ms a step against its kernels' own ms); a training step (AdamW, bf16 autocast)
                  of the seed config, eager, replaying CUDA graphs (checked against eager first) and
@@ -28,6 +30,7 @@ is left of --minutes is skipped):
                  compile time: last, since that compile may take minutes
 """
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -36,6 +39,7 @@ import sys
 import tempfile
 import time
 import traceback
+import warnings
 from datetime import date
 from pathlib import Path
 
@@ -409,7 +413,7 @@ def train(args, device):
 def default_run(args, device):
     """python train.py with the device's defaults, Muon and AdamW, and Muon's first 150 steps launched
     eagerly: best val bpb, time per step (in all, and past the first evaluation: no warm-up), where
-    Muon first reaches AdamW's final validation loss."""
+    Muon first reaches AdamW's final validation loss; then the waits in a step (step_waits)."""
     out_dir, runs, work = Path(args.out), {}, Path(tempfile.mkdtemp(prefix="gpu-runs-"))
     RESULTS["default-run"] = runs  # filled as it goes
     quick = ["--max-steps", "20", "--eval-every", "10", "--preset", "cpu", "--seq-len", "64", "--batch-size", "4",
@@ -423,6 +427,7 @@ def default_run(args, device):
             print(f"  default run {name}: best val {r['best_val_loss']:.4f} ({r['best_val_bpb']:.3f} bpb) at step "
                   f"{r['best_step']}, {r['ms_per_step']:.1f} ms a step ({r['ms_per_step_warm']:.1f} warm), "
                   f"{r['wall_s']:.0f} s wall", flush=True)
+    runs["waits in a step"] = attempt(lambda: step_waits(work / "waits", quick, device, out_dir), "waits in a step")
     if "records" in runs["adamw"] and "records" in runs["muon"]:
         target, muon = runs["adamw"]["records"][-1]["val_loss"], runs["muon"]["records"]
         reach = next(((a, b) for a, b in zip(muon, muon[1:]) if a["val_loss"] > target >= b["val_loss"]), None)
@@ -457,6 +462,41 @@ def one_run(run: Path, flags: list, device, out_dir: Path) -> dict:
                 records=records)
 
 
+def step_waits(run: Path, flags: list, device, out_dir: Path) -> dict:
+    """train.py in this process (the device's defaults: on CUDA, graphs), every step from the second
+    on under torch's sync debug mode: the times a step waited for the device, and the lines that
+    did. The loop reads a step's loss outside the step, once the next is queued: expected none.
+    On a CPU nothing can wait: the steps run, uncounted."""
+    import train
+    step, steps, sites = train.train_step, [], []
+
+    def checked(run_, state):
+        steps.append(state.step)
+        if device.type != "cuda" or len(steps) == 1:  # the first step makes the optimizers' states
+            return step(run_, state)
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                return step(run_, state)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+            sites.extend(f"{Path(w.filename).name}:{w.lineno}" for w in caught if "synchroniz" in str(w.message))
+
+    argv = ["--out-dir", str(run), "--device", device.type, "--max-steps", "30", "--eval-every", "10",
+            "--sample-tokens", "0", *flags]
+    train.train_step = checked
+    try:
+        with open(out_dir / "run-waits.log", "w") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+            code = train.main(argv)
+    finally:
+        train.train_step = step
+    if code:
+        raise RuntimeError(f"train.py exited {code} (its log: run-waits.log)")
+    checked_steps = len(steps) - 1 if device.type == "cuda" else 0
+    return dict(steps=len(steps), steps_checked=checked_steps, waits=len(sites), sites=sorted(set(sites)))
+
+
 def attempt(fn, what: str) -> dict:
     """fn()'s dict of results, or {"error": why} if it raised: one row's failure costs that row alone."""
     try:
@@ -473,7 +513,7 @@ def error_line(e: Exception) -> str:
 # %% the budget, the run, the table
 
 START, BUDGET, RESULTS = time.perf_counter(), 0.0, {}
-ESTIMATES = {"peaks": 15, "correctness": 40, "decode": 90, "default-run": 160, "train": 150,  # seconds, on an H200
+ESTIMATES = {"peaks": 15, "correctness": 40, "decode": 90, "default-run": 190, "train": 150,  # seconds, on an H200
              "decode-compiled": 150}  # a guess: its compile has not been timed
 
 
@@ -527,6 +567,13 @@ def summary(res):
             r = runs[name]
             lines.append(f"default run {name}: {r['steps']} steps, {r['best_val_bpb']:.3f} bpb, {r['ms_per_step']:.1f} "
                          f"ms a step ({r['ms_per_step_warm']:.1f} warm), {r['wall_s']:.0f} s wall")
+    waits = runs.get("waits in a step")
+    if isinstance(waits, dict) and "error" in waits:
+        lines.append(f"waits in a step: {waits['error']}")
+    elif isinstance(waits, dict):
+        where = f" ({', '.join(waits['sites'])})" if waits["sites"] else ""
+        lines.append(f"train.py's steps waited for the device {waits['waits']} times in {waits['steps_checked']} "
+                     f"steps checked{where}")
     if "muon_reaches_adamw_final_at_step" in runs:
         lines.append(f"Muon reaches AdamW's final loss at step {runs['muon_reaches_adamw_final_at_step']:.0f}")
     for name in SECTIONS:

@@ -77,6 +77,8 @@ def test_gpu_script_runs_every_section_at_tiny_shapes(tmp_path):
                                                     "run-adamw.log", "run-muon-eager-launches.log"}
     runs = res["default-run"]
     assert runs["muon, eager launches"]["steps"] == 20 and runs["muon"]["ms_per_step_warm"] > 0
+    assert runs["waits in a step"] == dict(steps=20, steps_checked=0, waits=0, sites=[])  # counted on CUDA only
+    assert "train.py's steps waited for the device 0 times in 0 steps checked" in out
     assert "default run muon:" in out and "default run muon, eager launches: 20 steps" in out
     assert "train tiny eager" in out and "decode tiny, batch 1, compiled graph" in out
     assert "train tiny, the update alone, muon: " in out
@@ -98,7 +100,8 @@ def test_gpu_summary_reads_partial_results_and_the_compile_break_even(monkeypatc
                       "update": {"muon": dict(step_ms=3.5, kernels=180, kernel_ms=1.25), "adamw": dict(step_ms=0.25)},
                       "update, failed": {"error": "RuntimeError: w"}, "error": "OutOfMemoryError: z"},
                **{"default-run": {"muon": {"error": "RuntimeError: train.py exited 1"}, "adamw": dict(
-                   steps=600, best_val_bpb=1.5, ms_per_step=20.0, ms_per_step_warm=19.0, wall_s=30.0)},
+                   steps=600, best_val_bpb=1.5, ms_per_step=20.0, ms_per_step_warm=19.0, wall_s=30.0),
+                   "waits in a step": dict(steps=30, steps_checked=29, waits=58, sites=["engine.py:12", "qwen3.py:34"])},
                   "decode-compiled": {"skipped": "skipped: 10 s left of the budget"}})
     text = gpu.summary(res)
     assert "decode seed, batch 1" in text and "2.00x" in text
@@ -112,6 +115,7 @@ def test_gpu_summary_reads_partial_results_and_the_compile_break_even(monkeypatc
     assert "default run muon: RuntimeError: train.py exited 1" in text
     assert "default run adamw: 600 steps, 1.500 bpb, 20.0 ms a step (19.0 warm)" in text
     assert "decode-compiled: skipped: 10 s left" in text
+    assert "train.py's steps waited for the device 58 times in 29 steps checked (engine.py:12, qwen3.py:34)" in text
 
 
 def test_gpu_scripts_graphs_row_checks_then_times(monkeypatch):
@@ -151,9 +155,10 @@ def test_gpu_script_keeps_the_runs_beside_a_failing_one(tmp_path, monkeypatch):
     numbers = dict(best_val_loss=4.0, best_val_bpb=1.5, best_step=50, steps=50, ms_per_step=20.0, ms_per_step_warm=19.0,
                    wall_s=3.0)
     monkeypatch.setattr(gpu, "one_run", one_run)
+    monkeypatch.setattr(gpu, "step_waits", lambda run, flags, device, out_dir: ran.append(run.name) or {})
     monkeypatch.setattr(gpu, "RESULTS", {})
     runs = gpu.default_run(argparse.Namespace(out=str(tmp_path), quick=False), torch.device("cpu"))
-    assert ran == ["muon", "adamw", "muon-eager-launches"]
+    assert ran == ["muon", "adamw", "muon-eager-launches", "waits"]
     assert runs["muon"] == {"error": "RuntimeError: train.py exited 1: ['loss is nan at step 3']"}
     assert runs["adamw"] == runs["muon, eager launches"] == numbers  # records dropped
     assert "muon_reaches_adamw_final_at_step" not in runs
