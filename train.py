@@ -338,13 +338,13 @@ def muon_momentum(step: int, max_steps: int, warmup_frac: float) -> float:
 class StepLoss:
     """A step's loss (the global batch's mean) on its way from the device to the host."""
 
-    def __init__(self, loss: torch.Tensor, step: int, last_good: str):
+    def __init__(self, loss: torch.Tensor, step: int, last: Path, saved_at: int | None):
         cuda = loss.device.type == "cuda"
         self.host = torch.empty((), pin_memory=cuda).copy_(loss, non_blocking=cuda)  # pinned: copied, not waited for
         self.copied = torch.cuda.Event() if cuda else None
         if self.copied is not None:
             self.copied.record()
-        self.step, self.last_good = step, last_good
+        self.step, self.last, self.saved_at = step, last, saved_at  # what last/ holds meanwhile
 
     def read(self) -> float:
         """Waits for the loss (and for nothing queued after it); a non-finite one stops the run."""
@@ -352,7 +352,8 @@ class StepLoss:
             self.copied.synchronize()
         value = self.host.item()
         if not math.isfinite(value):
-            raise UserError(f"loss is {value} at step {self.step}; stopped. Last good checkpoint: {self.last_good}")
+            kept = f"{self.last} (step {self.saved_at})" if self.saved_at is not None else "none, nothing was saved yet"
+            raise UserError(f"loss is {value} at step {self.step}; stopped. Last good checkpoint: {kept}")
         return value
 
 
@@ -377,17 +378,16 @@ def train_step(run: Run, state: RunState) -> StepLoss:
                 loss = run.fused_loss(x, y)
             (loss / run.accum).backward()
         loss_sum += loss.detach()
-    loss = loss_sum / run.accum
+    loss = loss_sum / (run.accum * run.world)
     if run.world > 1:
-        dist.all_reduce(loss)  # the global batch's mean, the same on every rank: all stop together
-    kept = f"{run.last} (step {state.saved_at})" if state.saved_at is not None else "none, nothing was saved yet"
+        dist.all_reduce(loss)  # summed: the global batch's mean, the same on every rank, so all stop together
     if args.grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(run.model.parameters(), args.grad_clip)  # on the device: no wait
     for opt in run.optimizers:
         opt.step()
         opt.zero_grad(set_to_none=True)  # not zeroed in place: under CUDA graphs .grad is the graph's own buffer
     state.step += 1
-    return StepLoss(loss / run.world, state.step, kept)
+    return StepLoss(loss, state.step, run.last, state.saved_at)
 
 
 def train(args, device: torch.device, info: dict | None, started: float) -> int:
