@@ -258,6 +258,8 @@ def evaluate_and_save(run: Run, state: RunState, write):
     new best in best/; then save last/ at evaluations and every --save-every steps."""
     args, step = run.args, state.step
     evaluating, saving = due(args, step)
+    if evaluating or saving:
+        check_weights(run, state)
     if evaluating:
         train_scores, val = evaluate(run, "train"), evaluate(run, "val")
         train_loss, val_loss = train_scores["loss"], val["loss"]
@@ -352,9 +354,22 @@ class StepLoss:
             self.copied.synchronize()
         value = self.host.item()
         if not math.isfinite(value):
-            kept = f"{self.last} (step {self.saved_at})" if self.saved_at is not None else "none, nothing was saved yet"
-            raise UserError(f"loss is {value} at step {self.step}; stopped. Last good checkpoint: {kept}")
+            raise stopped(f"loss is {value} at step {self.step}", self.last, self.saved_at)
         return value
+
+
+def check_weights(run: Run, state: RunState):
+    """A step's loss shows the weights before its update: an update that overflowed (a rate far too
+    high) shows only in the next step's loss, or never, in rows no batch reads. So before anything is
+    scored, sampled or saved, the weights must be finite (one wait for the device, there only)."""
+    if not torch.stack([p.detach().isfinite().all() for p in run.model.parameters()]).all():
+        raise stopped(f"the weights are NaN or infinite after step {state.step}", run.last, state.saved_at)
+
+
+def stopped(what: str, last: Path, saved_at: int | None) -> UserError:
+    """The one line that stops a run gone non-finite: what, and the checkpoint that is still good."""
+    kept = f"{last} (step {saved_at})" if saved_at is not None else "none, nothing was saved yet"
+    return UserError(f"{what}; stopped. Last good checkpoint: {kept}")
 
 
 def train_step(run: Run, state: RunState) -> StepLoss:
@@ -424,6 +439,7 @@ def train(args, device: torch.device, info: dict | None, started: float) -> int:
                 if in_flight is not None:
                     in_flight.read()  # nothing unread is saved
                 if state.saved_at != state.step:
+                    check_weights(run, state)
                     save_last(run, state)
                 why = signal.Signals(signum).name if signum else f"--stop-at {args.stop_at}"
                 launcher = "python" if run.world == 1 else "torchrun ..."

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 
 import checkpoint
 import common
@@ -642,6 +643,39 @@ def test_a_non_finite_loss_read_late_never_reaches_a_save(cache, tmp_path, loop_
     assert [r["step"] for r in metrics(out)] == evaluated
     if evaluated[-1]:
         assert json.loads((out / "last" / "training_state.json").read_text())["step"] == evaluated[-1]
+
+
+@pytest.mark.parametrize("broken_at, flags, last_good, evaluated", [
+    (3, [], "none, nothing was saved yet", [0]),  # an evaluation follows: nothing of it scored or sampled
+    (4, ["--save-every", "4"], "last (step 3)", [0, 3]),  # a save follows
+    (5, ["--stop-at", "5"], "last (step 3)", [0, 3]),  # --stop-at's save follows
+])
+def test_an_update_that_breaks_the_weights_is_never_saved(cache, tmp_path, monkeypatch, capsys, broken_at, flags,
+                                                         last_good, evaluated):
+    """An update that overflows leaves its step's loss finite (computed before it). The weights are
+    checked before an evaluation or a save: last/ and the metrics keep the last good step, nothing of
+    the broken one is scored, sampled or saved, and the run stops with one line."""
+    step = train.train_step
+
+    def overflowing(run_, state):
+        loss = step(run_, state)
+        if state.step == broken_at:
+            with torch.no_grad():
+                next(run_.model.parameters())[0, 0] = math.nan
+        return loss
+    monkeypatch.setattr(train, "train_step", overflowing)
+    out = tmp_path / "out"
+    assert run(cache, out, "--max-steps", "9", "--eval-every", "3", *flags) == 1
+    line = one_error_line(capsys.readouterr().err)
+    assert line.startswith(f"error: the weights are NaN or infinite after step {broken_at}; stopped. Last good "
+                           f"checkpoint: ")
+    assert line.endswith(last_good if last_good.startswith("none") else f"{out / last_good}")
+    assert [r["step"] for r in metrics(out)] == evaluated
+    if evaluated[-1]:
+        assert json.loads((out / "last" / "training_state.json").read_text())["step"] == evaluated[-1]
+        assert all(torch.isfinite(t).all() for t in load_file(out / "last" / "model.safetensors").values())
+    else:
+        assert not (out / "last").exists()
 
 
 def test_bad_input_in_a_real_process(cache, tmp_path):
