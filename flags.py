@@ -86,6 +86,9 @@ positive_int = checked(int, lambda v: v >= 1, "a positive integer", INT_MOST)
 count = checked(int, lambda v: v >= 0, "an integer >= 0", INT_MOST)
 seed = checked(int, lambda v: 0 <= v < 2**64, "an integer in [0, 2**64)")  # numpy refuses negatives, torch 2**64
 positive = checked(float, lambda v: 0 < v < math.inf, "a finite number > 0")
+# Adam adds eps to float32 moments: below float32's smallest normal number it rounds toward 0, and
+# a parameter whose gradient has been 0 then steps by 0 / 0
+adam_eps = checked(float, lambda v: 1e-38 <= v < math.inf, "a finite number >= 1e-38")
 non_negative = checked(float, lambda v: 0 <= v < math.inf, "a finite number >= 0")
 unit = checked(float, lambda v: 0 <= v <= 1, "a number in [0, 1]")
 below_one = checked(float, lambda v: 0 <= v < 1, "a number in [0, 1)")
@@ -167,7 +170,7 @@ def build_parser() -> ArgumentParser:
     g.add_argument("--muon-lr", type=rate, default=None, help="peak Muon learning rate "
                    + on_each_device("muon_lr"))
     g.add_argument("--betas", type=below_one, nargs=2, default=[0.9, 0.95], help="AdamW betas")
-    g.add_argument("--adam-eps", type=positive, default=1e-8, help="AdamW epsilon")
+    g.add_argument("--adam-eps", type=adam_eps, default=1e-8, help="AdamW epsilon")
     g.add_argument("--weight-decay", type=non_negative, default=0.1, help="decoupled weight decay on matrices")
     g.add_argument("--warmup-frac", type=unit, default=0.05, help="linear warmup, as a fraction of --max-steps")
     g.add_argument("--min-lr-frac", type=unit, default=0.1, help="the schedule decays to this fraction of the peak")

@@ -179,7 +179,8 @@ def test_out_dir_that_is_not_a_folder(cache, tmp_path, sub, message):
     (["--lr", "nan"], "argument --lr: expected a number in (0, 1e30], got 'nan'"),
     (["--muon-lr", "-1"], "argument --muon-lr: expected a number in (0, 1e30], got '-1'"),
     (["--muon-lr", "1e31"], "argument --muon-lr: expected a number in (0, 1e30], got '1e31'"),
-    (["--adam-eps", "-1"], "argument --adam-eps: expected a finite number > 0, got '-1'"),
+    (["--adam-eps", "-1"], "argument --adam-eps: expected a finite number >= 1e-38, got '-1'"),
+    (["--adam-eps", "1e-300"], "argument --adam-eps: expected a finite number >= 1e-38, got '1e-300'"),  # 0 in float32
     (["--betas", "1.5", "0.9"], "argument --betas: expected a number in [0, 1), got '1.5'"),
     (["--warmup-frac", "nan"], "argument --warmup-frac: expected a number in [0, 1], got 'nan'"),
     (["--grad-clip", "nan"], "argument --grad-clip: expected a finite number >= 0, got 'nan'"),
@@ -290,7 +291,7 @@ def test_random_values_parse_or_give_one_line(data):
 IN_RANGE = {
     "--lr": st.sampled_from([1e-30, 1e-3, 0.5, 1e3, 1e30]), "--muon-lr": st.sampled_from([1e-30, 0.02, 1e3, 1e30]),
     "--betas": st.lists(st.sampled_from([0.0, 0.5, 0.999999]), min_size=2, max_size=2),
-    "--adam-eps": st.sampled_from([1e-300, 1e-8, 1e10]), "--weight-decay": st.sampled_from([0.0, 0.1, 1e6]),
+    "--adam-eps": st.sampled_from([1e-38, 1e-8, 1e10]), "--weight-decay": st.sampled_from([0.0, 0.1, 1e6]),
     "--warmup-frac": st.sampled_from([0.0, 0.5, 1.0]), "--min-lr-frac": st.sampled_from([0.0, 1.0]),
     "--grad-clip": st.sampled_from([0.0, 1e-30, 1e30]), "--seed": st.sampled_from([0, 2**64 - 1]),
     "--dropout": st.sampled_from([0.0, 0.9]), "--rope-theta": st.sampled_from([1e-30, 1.0, 1e30]),
