@@ -263,6 +263,9 @@ def evaluate_and_save(run: Run, state: RunState, write):
     if evaluating:
         train_scores, val = evaluate(run, "train"), evaluate(run, "val")
         train_loss, val_loss = train_scores["loss"], val["loss"]
+        for split, loss in (("train", train_loss), ("validation", val_loss)):  # finite weights, diverged
+            if not math.isfinite(loss):
+                raise stopped(f"the {split} loss is {loss} at step {step}'s evaluation", run.last, state.saved_at)
         if run.rank == 0:
             lr = run.optimizers[0].param_groups[0]["base_lr"] * lr_multiplier(step, *run.schedule)
             record = dict(step=step, epoch=run.batches.epochs(step * args.batch_size * args.grad_accum),
@@ -275,7 +278,7 @@ def evaluate_and_save(run: Run, state: RunState, write):
                                                  args.seed)
             report.log_eval(run.out, record, write)
             redraw_curves(run.out, run.model.num_params(), write)
-        if step > 0 and math.isfinite(val_loss) and (state.best_val_loss is None or val_loss < state.best_val_loss):
+        if step > 0 and (state.best_val_loss is None or val_loss < state.best_val_loss):
             state.best_val_loss, state.best_step = val_loss, step
             if run.rank == 0:
                 save_checkpoint(run.out, "best", run.model, run.data.tokenizer)

@@ -678,6 +678,28 @@ def test_an_update_that_breaks_the_weights_is_never_saved(cache, tmp_path, monke
         assert not (out / "last").exists()
 
 
+def test_a_diverged_model_is_not_scored_or_saved(cache, tmp_path, monkeypatch, capsys):
+    """Weights finite but so large (a rate far too high) that the logits overflow: the evaluation's
+    loss is not finite, and the run stops there with one line, before the metrics, a sample or
+    last/ take anything of that step."""
+    step = train.train_step
+
+    def diverging(run_, state):
+        loss = step(run_, state)
+        if state.step == 6:  # an evaluation follows
+            with torch.no_grad():
+                run_.model.lm_head.weight.fill_(3e38)  # finite, but a logit sums 32 of them
+        return loss
+    monkeypatch.setattr(train, "train_step", diverging)
+    out = tmp_path / "out"
+    assert run(cache, out, "--max-steps", "9", "--eval-every", "3", "--save-every", "5", "--sample-tokens", "4") == 1
+    line = one_error_line(capsys.readouterr().err)
+    assert re.fullmatch(rf"error: the train loss is (nan|inf) at step 6's evaluation; stopped\. Last good checkpoint: "
+                        rf"{re.escape(str(out / 'last'))} \(step 5\)", line), line
+    assert [r["step"] for r in metrics(out)] == [0, 3]
+    assert json.loads((out / "last" / "training_state.json").read_text())["step"] == 5
+
+
 def test_bad_input_in_a_real_process(cache, tmp_path):
     for args in (["--preset", "huge"], ["--data", "missing.txt"], ["--batch-size", "x"]):
         result = run_process(cache, tmp_path / "out", *args)
