@@ -86,8 +86,8 @@ positive_int = checked(int, lambda v: v >= 1, "a positive integer", INT_MOST)
 count = checked(int, lambda v: v >= 0, "an integer >= 0", INT_MOST)
 seed = checked(int, lambda v: 0 <= v < 2**64, "an integer in [0, 2**64)")  # numpy refuses negatives, torch 2**64
 positive = checked(float, lambda v: 0 < v < math.inf, "a finite number > 0")
-# Adam adds eps to float32 moments: below float32's smallest normal number it rounds toward 0, and
-# a parameter whose gradient has been 0 then steps by 0 / 0
+# Adam adds eps to float32 moments: below float32's smallest normal number (1.2e-38) it loses its
+# digits, below 1e-45 it is 0, and a parameter whose gradient has been 0 then steps by 0 / 0
 adam_eps = checked(float, lambda v: 1e-38 <= v < math.inf, "a finite number >= 1e-38")
 non_negative = checked(float, lambda v: 0 <= v < math.inf, "a finite number >= 0")
 unit = checked(float, lambda v: 0 <= v <= 1, "a number in [0, 1]")
