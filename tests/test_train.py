@@ -645,6 +645,19 @@ def test_a_non_finite_loss_read_late_never_reaches_a_save(cache, tmp_path, loop_
         assert json.loads((out / "last" / "training_state.json").read_text())["step"] == evaluated[-1]
 
 
+def break_after(monkeypatch, at: int, breaking):
+    """train.py's steps as they are, but once step `at` is done, breaking(model): an update gone wrong."""
+    step = train.train_step
+
+    def broken(run_, state):
+        loss = step(run_, state)
+        if state.step == at:
+            with torch.no_grad():
+                breaking(run_.model)
+        return loss
+    monkeypatch.setattr(train, "train_step", broken)
+
+
 @pytest.mark.parametrize("broken_at, flags, last_good, evaluated", [
     (3, [], "none, nothing was saved yet", [0]),  # an evaluation follows: nothing of it scored or sampled
     (4, ["--save-every", "4"], "last (step 3)", [0, 3]),  # a save follows
@@ -655,15 +668,7 @@ def test_an_update_that_breaks_the_weights_is_never_saved(cache, tmp_path, monke
     """An update that overflows leaves its step's loss finite (computed before it). The weights are
     checked before an evaluation or a save: last/ and the metrics keep the last good step, nothing of
     the broken one is scored, sampled or saved, and the run stops with one line."""
-    step = train.train_step
-
-    def overflowing(run_, state):
-        loss = step(run_, state)
-        if state.step == broken_at:
-            with torch.no_grad():
-                next(run_.model.parameters())[0, 0] = math.nan
-        return loss
-    monkeypatch.setattr(train, "train_step", overflowing)
+    break_after(monkeypatch, broken_at, lambda model: next(model.parameters())[0, 0].fill_(math.nan))
     out = tmp_path / "out"
     assert run(cache, out, "--max-steps", "9", "--eval-every", "3", *flags) == 1
     line = one_error_line(capsys.readouterr().err)
@@ -682,18 +687,10 @@ def test_a_diverged_model_is_not_scored_or_saved(cache, tmp_path, monkeypatch, c
     """Weights finite but so large (a rate far too high) that the logits overflow: the evaluation's
     loss is not finite, and the run stops there with one line, before the metrics, a sample or
     last/ take anything of that step."""
-    step = train.train_step
-
-    def diverging(run_, state):
-        loss = step(run_, state)
-        if state.step == 6:  # an evaluation follows
-            with torch.no_grad():
-                run_.model.lm_head.weight.fill_(3e38)  # finite, but a logit sums 32 of them
-        return loss
-    monkeypatch.setattr(train, "train_step", diverging)
+    break_after(monkeypatch, 6, lambda model: model.lm_head.weight.fill_(3e38))  # finite; a logit sums 32 of them
     out = tmp_path / "out"
     assert run(cache, out, "--max-steps", "9", "--eval-every", "3", "--save-every", "5", "--sample-tokens", "4") == 1
-    line = one_error_line(capsys.readouterr().err)
+    line = one_error_line(capsys.readouterr().err)  # step 6 is evaluated, not saved: last/ keeps step 5
     assert re.fullmatch(rf"error: the train loss is (nan|inf) at step 6's evaluation; stopped\. Last good checkpoint: "
                         rf"{re.escape(str(out / 'last'))} \(step 5\)", line), line
     assert [r["step"] for r in metrics(out)] == [0, 3]
