@@ -319,7 +319,8 @@ def save_last(run: Run, state: RunState):
 # last/ and stop at the end of the step (stopping.py).
 # The CPU only queues a step's work; the loop reads the loss of the step before once the next is
 # queued, so a GPU computes one step while the CPU launches the next. A non-finite loss stops the
-# run there, before any save: the step after it has run, but last/ and best/ never hold it.
+# run there, before any save: the step after it has run, but last/ and best/ never hold it. An
+# update's own overflow shows in no loss yet: the weights are checked before each evaluation and save.
 
 
 def lr_multiplier(step: int, max_steps: int, warmup_frac: float, min_lr_frac: float,
