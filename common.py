@@ -11,6 +11,9 @@ import shutil
 import sys
 from pathlib import Path
 
+if sys.version_info < (3, 11):  # hashlib.file_digest, and the oldest Python the suite runs on (README, Install)
+    sys.exit(f"error: qwen3-from-scratch needs Python 3.11 or newer; this is {sys.version.split()[0]}")
+
 
 class UserError(Exception):
     """A problem the user can fix (a bad flag, a missing file): reported as one line, never a traceback."""
@@ -47,7 +50,6 @@ def pick_device(name: str = "auto"):
     return torch.device(name)
 
 
-
 def free_memory(device) -> int | None:
     """Bytes this device can still hand out (CUDA's free memory, Linux's MemAvailable), None if unknown."""
     import torch
@@ -58,6 +60,7 @@ def free_memory(device) -> int | None:
         return int(line.split()[1]) * 1024  # reported in kB
     except (OSError, StopIteration, ValueError, IndexError):
         return None  # not Linux (macOS, Windows, mps): no check
+
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
                    "spiece.model")  # any one of them makes a folder a tokenizer to transformers

@@ -2,7 +2,8 @@
 generate.py's --seed, its one numeric flag that lacked a range); then issue 23's classes: a run
 replaces only what a run wrote (folders of the user's, links, folders inside a run's), every field of
 training_state.json, the flags --resume cannot change and the integer flags' upper bounds, huge
-documents tokenised in pieces, rows without text counted, and readers closed before exiting.
+documents tokenised in pieces, rows without text counted, and readers closed before exiting; and an
+interpreter older than the scripts need.
 
 The lock tests run real train.py processes that train until the test stops them (a huge
 --max-steps), so "the first run is still running" is never a race; they wait for the files a
@@ -715,3 +716,17 @@ def test_a_parquet_file_without_the_text_field_exits_cleanly(tmp_path):
         assert result.returncode == 1, result.stderr
         assert one_error_line(result.stderr) == (f"error: 1 local file(s) {path} has no 'text' field (fields: body); "
                                                  f"choose one with --text-field")
+
+
+@pytest.mark.parametrize("script", ["train.py", "generate.py"])
+def test_a_python_older_than_3_11_is_one_line(script):
+    """Python 3.10 lacks what the scripts use (hashlib.file_digest): said at start, in one line,
+    rather than by a traceback once a run reaches a hash. The interpreter is told it is 3.10."""
+    fake = ("import collections, runpy, sys\n"
+            "V = collections.namedtuple('V', 'major minor micro releaselevel serial')\n"
+            "sys.version_info, sys.version = V(3, 10, 14, 'final', 0), '3.10.14 (main)'\n"
+            f"sys.argv = [{script!r}, '--help']\n"
+            f"runpy.run_path({script!r}, run_name='__main__')\n")
+    result = subprocess.run([sys.executable, "-c", fake], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert result.returncode == 1 and result.stdout == ""  # before --help prints anything
+    assert result.stderr == "error: qwen3-from-scratch needs Python 3.11 or newer; this is 3.10.14\n"
