@@ -31,7 +31,6 @@ from qwen3 import (NS_COEFFICIENTS, KVCache, MoE, Muon, Qwen3, can_attend, next_
                    sample_next_token)
 
 
-
 def rope_tables(config, length: int, device, dtype):
     """The chapter's cos and sin for positions 0..length-1, (length, head_dim), made once; sin with
     rotate_half's sign folded in, so that rotate_half(x) sin = roll(x, head_dim / 2) sin'."""

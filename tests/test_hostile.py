@@ -575,7 +575,6 @@ def test_integer_flags_have_an_upper_bound(cache, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-
 def test_a_model_too_big_for_memory_is_one_line(cache, tmp_path, monkeypatch):
     """A shape that cannot fit is refused from its parameter count (a meta-device build), before
     anything is allocated: one line, not the allocator's traceback after minutes of setup."""
