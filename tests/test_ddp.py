@@ -31,7 +31,7 @@ import engine
 import train
 from plots import read_metrics
 from engine import FusedLoss
-from qwen3 import Qwen3, from_pretrained
+from qwen3 import from_pretrained
 from test_train import TINY
 
 ROOT = Path(__file__).resolve().parent.parent
