@@ -1,6 +1,7 @@
 """
 How many operations a step dispatches, ours against transformers': a training step (forward and
-backward, bf16 autocast, each of our loss paths) and one decoded token (bf16 weights). Where a step
+backward, bf16 autocast, each of our loss paths), the optimizer update after it (ours, and with
+torch.optim.Muon in place of our Muon), and one decoded token (bf16 weights). Where a step
 is small, as the seed config's is on a GPU, each operation costs a kernel launch and the step's
 time follows this count more than its FLOPs. Counted on fake tensors (shapes, no values, no memory,
 no GPU), in seconds, on any machine:
@@ -25,7 +26,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import engine  # noqa: E402
-from qwen3 import KVCache, Qwen3, Qwen3Config, hf_config  # noqa: E402
+from qwen3 import KVCache, Qwen3, Qwen3Config, configure_optimizers, hf_config  # noqa: E402
 
 VIEWS = {"view", "_unsafe_view", "_reshape_alias", "reshape", "t", "transpose", "permute", "expand", "slice", "select",
          "unsqueeze", "squeeze", "as_strided", "alias", "detach", "split", "split_with_sizes", "chunk", "unbind",
@@ -62,6 +63,23 @@ def training_step(model, loss_fn) -> collections.Counter:
     return count(step)
 
 
+def optimizer_update(model, muon) -> collections.Counter:
+    """train.py's update once a backward is done, as on CUDA: clipping in foreach kernels, then Muon
+    (muon: its class; Newton-Schulz in bf16) and AdamW. Counted at its second call: the first makes
+    the optimizers' states."""
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)  # what a backward leaves (the values do not matter here)
+    optimizers = configure_optimizers(model, "muon", muon=muon)
+    optimizers[0].param_groups[0]["ns_dtype"] = torch.bfloat16  # torch.optim.Muon's always, ours on a GPU
+
+    def update():
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0, foreach=True)  # CUDA's default
+        for opt in optimizers:
+            opt.step()
+    update()
+    return count(update)
+
+
 def models(cfg, dtype):
     """Ours and transformers' Qwen3 of config cfg, with weights in dtype."""
     import transformers
@@ -94,6 +112,8 @@ def main(argv=None):
             loss.budget = budget  # the memory budget FusedLoss takes on a GPU, or none (a CPU)
             rows[f"training step, ours, {name}"] = training_step(ours, lambda: loss(ids, ids))
         rows["training step, transformers"] = training_step(theirs, lambda: theirs(input_ids=ids, labels=ids).loss)
+        rows["optimizer update, ours: clipping, FastMuon, AdamW"] = optimizer_update(ours, engine.FastMuon)
+        rows["optimizer update, torch.optim.Muon in FastMuon's place"] = optimizer_update(ours, torch.optim.Muon)
         ours, theirs = (m.eval() for m in models(cfg, torch.bfloat16))
         prompt, token = ids[:1, :16], ids[:1, :1]
         with torch.no_grad():
