@@ -804,11 +804,13 @@ class Muon(torch.optim.Optimizer):
                 if p.grad is not None:
                     by_shape.setdefault(p.shape, []).append(p)
             for shape, params in by_shape.items():
-                grads = [p.grad for p in params]
-                bufs = [self.state[p].setdefault("momentum_buffer", torch.zeros_like(p)) for p in params]
+                for p in params:  # momentum starts at zero, made once (a setdefault would build one every step)
+                    if "momentum_buffer" not in self.state[p]:
+                        self.state[p]["momentum_buffer"] = torch.zeros_like(p)
+                grads, bufs = [p.grad for p in params], [self.state[p]["momentum_buffer"] for p in params]
                 torch._foreach_lerp_(bufs, grads, 1 - group["momentum"])  # buf = beta buf + (1 - beta) g
                 if group["nesterov"]:  # look ahead: (1 - beta) g + beta buf
-                    updates = torch.stack([g.lerp(b, group["momentum"]) for g, b in zip(grads, bufs)])
+                    updates = torch.stack(torch._foreach_lerp(grads, bufs, group["momentum"]))
                 else:
                     updates = torch.stack(bufs)  # (n, ..., rows, cols): a stack of experts is a batch of matrices
                 dtype = group["ns_dtype"] or (torch.float32 if updates.device.type == "cpu" else torch.bfloat16)

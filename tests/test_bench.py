@@ -178,6 +178,26 @@ def test_ops_counts_what_each_path_dispatches(monkeypatch):
     assert three[chunks] - two[chunks] == two[chunks] - one[chunks] > 0  # one chunk's worth, each time
     assert one["decoded token, ours, the graph's fixed-shape step"] < one["decoded token, ours, the chapter's forward pass"]
 
+    assert one["optimizer update, ours: clipping, FastMuon, AdamW"] < \
+        one["optimizer update, torch.optim.Muon in FastMuon's place"]  # which goes matrix by matrix
+
+
+def test_the_optimizer_update_dispatches_per_shape_not_per_matrix(monkeypatch):
+    """train.py's update (clipping, Muon, AdamW) dispatches as many operations for three layers as for
+    one: every operation is a foreach or fused one over all its tensors, or Muon's over a stack of
+    one shape. A per-matrix operation (a momentum buffer built at every step, as a setdefault did;
+    a look-ahead lerp matrix by matrix) would cost a launch per matrix on a GPU, every step."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import ops
+    from engine import FastMuon
+    from qwen3 import Muon, Qwen3
+    for muon in (Muon, FastMuon):
+        with FakeTensorMode():
+            one, three = (ops.optimizer_update(Qwen3(Qwen3Config.preset("cpu", num_hidden_layers=n)), muon)
+                          for n in (1, 3))
+        assert one == three and "zeros_like" not in one, (muon, three - one)
+
 
 def test_gpu_script_keeps_what_a_failing_section_measured(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
