@@ -720,8 +720,11 @@ def test_a_parquet_file_without_the_text_field_exits_cleanly(tmp_path):
 @pytest.mark.parametrize("script", ["train.py", "generate.py"])
 def test_a_python_older_than_3_11_is_one_line(script):
     """Python 3.10 lacks what the scripts use (hashlib.file_digest): said at start, in one line,
-    rather than by a traceback once a run reaches a hash. The interpreter is told it is 3.10."""
+    rather than by a traceback once a run reaches a hash. The interpreter is told it is 3.10 once
+    everything but common.py is imported (torch and others read the version as they import)."""
     fake = ("import collections, runpy, sys\n"
+            f"import {script[:-3]}\n"  # the script's modules, but not run
+            "del sys.modules['common']\n"  # imported again, by the script's run below
             "V = collections.namedtuple('V', 'major minor micro releaselevel serial')\n"
             "sys.version_info, sys.version = V(3, 10, 14, 'final', 0), '3.10.14 (main)'\n"
             f"sys.argv = [{script!r}, '--help']\n"
