@@ -167,8 +167,9 @@ def test_gpu_script_keeps_the_runs_beside_a_failing_one(tmp_path, monkeypatch):
 def test_ops_counts_what_each_path_dispatches(monkeypatch):
     """benchmarks/ops.py on fake tensors: the plain loss dispatches as many operations for any batch
     (one product, one cross-entropy), the chunked loss more by one chunk's for each 256 rows more,
-    and the graph's decode step fewer than the chapter's forward pass (which grows its cache by
-    concatenation and computes RoPE's angles afresh at every token)."""
+    the graph's decode step fewer than the chapter's forward pass (which grows its cache by
+    concatenation and computes RoPE's angles afresh at every token), and our optimizer update fewer
+    than with torch.optim.Muon (which goes matrix by matrix)."""
     monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
     import ops
     small = ["--preset", "cpu", "--vocab-size", "512", "--seq-len", "256", "--batch-size"]
@@ -177,9 +178,8 @@ def test_ops_counts_what_each_path_dispatches(monkeypatch):
     assert one[plain] == two[plain] == three[plain] < one[chunks]
     assert three[chunks] - two[chunks] == two[chunks] - one[chunks] > 0  # one chunk's worth, each time
     assert one["decoded token, ours, the graph's fixed-shape step"] < one["decoded token, ours, the chapter's forward pass"]
-
     assert one["optimizer update, ours: clipping, FastMuon, AdamW"] < \
-        one["optimizer update, torch.optim.Muon in FastMuon's place"]  # which goes matrix by matrix
+        one["optimizer update, torch.optim.Muon in FastMuon's place"]
 
 
 def test_the_optimizer_update_dispatches_per_shape_not_per_matrix(monkeypatch):
